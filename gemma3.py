@@ -475,10 +475,11 @@ class Tokenizer:
         value = self.settings.get(name) or ""
         return value.get("content", "") if isinstance(value, dict) else value
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    def encode_chat(self, messages: list[dict], **template_variables) -> list[int]:
         """Render the checkpoint's chat template with a generation prompt, then encode it.
 
         The template writes <bos> itself, so the text is encoded without special tokens: one <bos>.
+        `template_variables` reach the template as is (for example enable_thinking=False).
         """
         if not self.chat_template:
             raise UserError("this checkpoint has no chat template (chat_template.jinja or tokenizer_config.json); drop --chat")
@@ -496,6 +497,7 @@ class Tokenizer:
                 add_generation_prompt=True,
                 bos_token=self.special_token("bos_token"),
                 eos_token=self.special_token("eos_token"),
+                **template_variables,
             )
         except TemplateError as error:
             raise UserError(f"the chat template rejected the conversation: {error}") from None
