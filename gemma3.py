@@ -295,7 +295,8 @@ HUB_FILES = [
     "chat_template.jinja",
 ]
 # Multimodal checkpoints keep the text model under a prefix: `language_model.model.` on the hub,
-# `model.language_model.` as transformers >= 5 saves it. Text-only checkpoints use `model.`.
+# `model.language_model.` in the state_dict of transformers >= 5 (and in files saved from it).
+# Text-only checkpoints use `model.`.
 TEXT_PREFIXES = ("language_model.model.", "model.language_model.", "model.")
 LM_HEAD_KEYS = ("lm_head.weight", "language_model.lm_head.weight")
 VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")

