@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import json
 import re
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -411,6 +412,59 @@ def build_gpt_oss():
     return model
 
 
+def build_qwen3():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,  # differs from hidden_size / num_attention_heads on purpose
+        use_sliding_window=True,
+        sliding_window=8,  # shorter than the test sequence and the greedy run
+        max_window_layers=2,  # layers 2 and 3 slide, layers 0 and 1 attend to everything
+        # YaRN over a short original context, so that some frequencies are kept, some divided, some blended
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10_000.0, "factor": 4.0, "original_max_position_embeddings": 128},
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+    )
+    assert config.layer_types == ["full_attention"] * 2 + ["sliding_attention"] * 2
+    return Qwen3ForCausalLM(config)
+
+
+def build_qwen3_moe():
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    config = Qwen3MoeConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=96,  # the dense layers
+        moe_intermediate_size=32,  # each expert
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,
+        attention_bias=True,
+        num_experts=8,
+        num_experts_per_tok=3,
+        norm_topk_prob=True,
+        decoder_sparse_step=2,  # layers 1, 3 and 5 would be sparse ...
+        mlp_only_layers=[3],  # ... but layer 3 stays dense
+        # transformers' Qwen3-MoE applies the window to every layer (max_window_layers plays no part)
+        use_sliding_window=True,
+        sliding_window=12,
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    )
+    return Qwen3MoeForCausalLM(config)
+
+
 CASES = {
     "gemma3": Case("gemma3", build_gemma3),
     "olmo2": Case("olmo2", build_olmo2),
@@ -422,6 +476,8 @@ CASES = {
     "mistral_small": Case("mistral_small", build_mistral_small),
     "mistral_small_plain": Case("mistral_small", build_mistral_small_plain),
     "gpt_oss": Case("gpt_oss", build_gpt_oss),
+    "qwen3": Case("qwen3", build_qwen3),
+    "qwen3_moe": Case("qwen3", build_qwen3_moe),
 }
 
 
@@ -1720,6 +1776,237 @@ def test_gpt_oss_chat_template_and_cli(checkpoints, tmp_path, capsys):
         assert status == 0, captured.err
         assert captured.out.endswith("\n")
         assert "prompt:" in captured.err
+
+
+# --------------------------------------------------------------------------------------------------
+# Qwen 3: chat template with enable_thinking, on a tokenizer built here
+
+# A ChatML template with Qwen 3's thinking switch: enable_thinking=False closes an empty think block.
+QWEN3_TEST_TEMPLATE = r"""{%- for message in messages %}
+    {%- if message.role == 'system' and not loop.first %}
+        {{- raise_exception('only the first message may be a system message') }}
+    {%- endif %}
+    {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\n\n</think>\n\n' }}
+    {%- endif %}
+{%- endif %}"""
+QWEN3_TEST_WORDS = ["system", "user", "assistant", "you", "are", "a", "tiny", "model", "hello", "there", "word", "write", "haiku", "about", "tea", "."]
+
+
+def write_qwen3_tokenizer(folder: Path) -> None:
+    """Write tokenizer.json, tokenizer_config.json and chat_template.jinja for a tiny ChatML vocabulary.
+
+    Every whitespace character is a token of its own, so the ids show any whitespace the template writes.
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    thinking = ["<think>", "</think>"]  # added tokens that Qwen does not mark special, so decoding keeps them
+    vocab = {token: i for i, token in enumerate(specials + thinking + ["[UNK]", "\n", " "] + QWEN3_TEST_WORDS)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"\s|\w+|[^\w\s]+"), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in thinking])
+    tokenizer.save(str(folder / "tokenizer.json"))
+    settings = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings))
+    (folder / "chat_template.jinja").write_text(QWEN3_TEST_TEMPLATE)
+
+
+def qwen3_chat_folder(checkpoints, name: str, tmp_path: Path) -> Path:
+    """A copy of case `name`'s checkpoint with the tiny ChatML tokenizer and chat template."""
+    folder = tmp_path / f"{name}_chat"
+    shutil.copytree(checkpoints(name)[1], folder)
+    write_qwen3_tokenizer(folder)
+    return folder
+
+
+def test_qwen3_chat_template_matches_transformers(checkpoints, tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    import qwen3
+
+    folder = qwen3_chat_folder(checkpoints, "qwen3", tmp_path)
+    theirs = PreTrainedTokenizerFast.from_pretrained(folder)
+    ours = qwen3.Tokenizer(folder)
+    messages = [{"role": "system", "content": "you are a tiny model."}, {"role": "user", "content": "write a haiku about tea."}]
+    for variables in ({}, {"enable_thinking": True}, {"enable_thinking": False}):
+        expected = theirs.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False, **variables)
+        assert ours.encode_chat(messages, **variables) == expected, variables
+    closed = ours.encode_chat(messages, enable_thinking=False)
+    think, end_think, newline = (ours.token_id(t) for t in ("<think>", "</think>", "\n"))
+    assert closed[-6:] == [think, newline, newline, end_think, newline, newline]
+    assert think not in ours.encode_chat(messages)
+    assert ours.encode("hello there") == theirs("hello there")["input_ids"]  # no BOS
+
+
+@pytest.mark.parametrize("name", ["qwen3", "qwen3_moe"])
+def test_qwen3_cli_no_think_prompt(name, checkpoints, tmp_path, capsys, monkeypatch):
+    """--chat --no-think passes enable_thinking=False to the template; the prompt ids equal transformers'."""
+    from transformers import PreTrainedTokenizerFast
+
+    import qwen3
+
+    folder = qwen3_chat_folder(checkpoints, name, tmp_path)
+    theirs = PreTrainedTokenizerFast.from_pretrained(folder)
+    messages = [{"role": "user", "content": "hello there"}]
+    no_think = theirs.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False, enable_thinking=False)
+    thinking = theirs.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+
+    argv = ["--model", str(folder), "--device", "cpu", "--prompt", "hello there", "--chat", "--max-new-tokens", "5"]
+    assert qwen3.main(argv + ["--no-think"]) == 0
+    assert f"prompt: {len(no_think)} tokens" in capsys.readouterr().err
+    prompts = []
+
+    def record_prompt(model, prompt, *args):
+        prompts.append(prompt)
+        return iter([0])
+
+    monkeypatch.setattr(qwen3, "generate", record_prompt)
+    assert qwen3.main(argv + ["--no-think"]) == 0
+    assert qwen3.main(argv) == 0
+    assert prompts == [no_think, thinking]
+
+
+def test_qwen3_cli_no_think_needs_chat(checkpoints, capsys):
+    import qwen3
+
+    err = cli_error(qwen3, capsys, "--model", str(checkpoints("qwen3")[1]), "--prompt", "hi", "--no-think")
+    assert "--chat" in err
+
+
+@pytest.mark.parametrize("name", ["qwen3", "qwen3_moe"])
+def test_qwen3_rejects_prompt_longer_than_context(name, checkpoints, tmp_path, capsys):
+    """test_parity's version needs a converted real checkpoint; Qwen 3 uses the tiny tokenizer built here."""
+    import qwen3
+
+    folder = qwen3_chat_folder(checkpoints, name, tmp_path)
+    err = cli_error(qwen3, capsys, "--model", str(folder), "--device", "cpu", "--prompt", "word " * 10, "--max-new-tokens", "40000")
+    assert "exceeds the context" in err
+
+
+def test_qwen3_rejects_quantised_checkpoint(checkpoints, tmp_path, capsys):
+    import qwen3
+
+    folder = tmp_path / "fp8"
+    folder.mkdir()
+    raw = json.loads((checkpoints("qwen3")[1] / "config.json").read_text())
+    raw["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (folder / "config.json").write_text(json.dumps(raw))
+    assert "fp8" in cli_error(qwen3, capsys, "--model", str(folder), "--prompt", "hi")
+
+
+def test_qwen3_moe_both_expert_layouts_load(checkpoints, tmp_path):
+    """Experts load from the hub layout (one tensor per expert) and from transformers' fused in-memory layout."""
+    from safetensors.torch import load_file, save_file
+
+    import qwen3
+
+    hf_model, hub = checkpoints("qwen3_moe")
+    saved = load_file(hub / "model.safetensors")
+    assert "model.layers.1.mlp.experts.7.up_proj.weight" in saved
+    assert not any(key.endswith("gate_up_proj") for key in saved)
+
+    fused = tmp_path / "fused"
+    fused.mkdir()
+    state = {key: tensor.detach().clone().contiguous() for key, tensor in hf_model.state_dict().items()}
+    assert state["model.layers.1.mlp.experts.gate_up_proj"].shape == (8, 2 * 32, 64)
+    save_file(state, fused / "model.safetensors")
+    shutil.copy(hub / "config.json", fused / "config.json")
+
+    tokens = random_tokens(256, batch=2, length=SEQUENCE_LENGTH)
+    with torch.no_grad():
+        theirs = hf_model(tokens).logits
+        for folder in (hub, fused):
+            difference = (load_ours(qwen3, folder)(tokens) - theirs).abs().max().item()
+            assert difference <= LOGIT_TOLERANCE, f"{folder.name}: logits differ by {difference:.2e}"
+
+
+def test_qwen3_moe_missing_expert_is_named(checkpoints, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    import qwen3
+
+    _, hub = checkpoints("qwen3_moe")
+    state = load_file(hub / "model.safetensors")
+    del state["model.layers.5.mlp.experts.6.up_proj.weight"]
+    folder = tmp_path / "missing_expert"
+    folder.mkdir()
+    save_file(state, folder / "model.safetensors")
+    shutil.copy(hub / "config.json", folder / "config.json")
+    assert qwen3.main(["--model", str(folder), "--device", "cpu", "--prompt", "hi"]) == 2
+    assert "layers.5.mlp.experts.gate_up_proj" in capsys.readouterr().err
+
+
+def test_qwen3_hub_config_formats():
+    """Read config.json as the hub publishes it (flat rope_theta and rope_scaling, num_experts) as transformers does."""
+    from transformers import Qwen3Config, Qwen3MoeConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRotaryEmbedding
+
+    import qwen3
+
+    dense = {
+        "model_type": "qwen3", "hidden_size": 1024, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
+        "num_hidden_layers": 28, "max_position_embeddings": 40960, "max_window_layers": 28, "use_sliding_window": False,
+        "sliding_window": None, "rope_theta": 1_000_000, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+        "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},
+    }
+    ours = qwen3.Config.from_hf(dense)
+    theirs = Qwen3Config(**{k: v for k, v in dense.items() if k != "model_type"})
+    assert ours.layer_types == tuple(theirs.layer_types)
+    assert ours.layer_types == ("full_attention",) * 28
+    assert ours.dtype == "bfloat16"
+    assert ours.num_experts == 0
+    assert ours.sliding_window is None
+    inv_freq, attention_factor = qwen3.rope_inv_freq(ours)
+    expected_inv_freq, expected_factor = ROPE_INIT_FUNCTIONS["yarn"](theirs, "cpu")
+    assert torch.equal(inv_freq, expected_inv_freq)
+    assert attention_factor == expected_factor
+
+    moe = {
+        "model_type": "qwen3_moe", "hidden_size": 2048, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+        "num_hidden_layers": 48, "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768,
+        "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [], "rope_theta": 1_000_000,
+        "rope_scaling": None, "sliding_window": None, "use_sliding_window": False, "max_window_layers": 48,
+    }
+    ours = qwen3.Config.from_hf(moe)
+    theirs = Qwen3MoeConfig(**{k: v for k, v in moe.items() if k != "model_type"})
+    assert ours.num_experts == theirs.num_experts
+    assert ours.num_experts == 128
+    assert all(ours.is_sparse(i) for i in range(48))
+    assert ours.rope_scaling is None
+    assert ours.rope_theta == 1_000_000
+    expected_inv_freq, _ = Qwen3MoeRotaryEmbedding.compute_default_rope_parameters(theirs)
+    assert torch.equal(qwen3.rope_inv_freq(ours)[0], expected_inv_freq)
+
+
+@pytest.mark.parametrize("name", ["qwen3", "qwen3_moe"])
+def test_qwen3_bfloat16_matches_transformers_sdpa(name, checkpoints):
+    """In bfloat16, logits equal those of transformers' default (sdpa) attention bit for bit.
+
+    transformers' eager attention rounds the scores to bfloat16 before the softmax, so it differs
+    from the fused kernel by a few bfloat16 steps. The float32 tests compare against eager.
+    """
+    from transformers import AutoModelForCausalLM
+
+    import qwen3
+
+    _, folder = checkpoints(name)
+    hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    config, _ = qwen3.read_config(folder)
+    model = qwen3.load_model(folder, config, CPU, torch.bfloat16)
+    tokens = random_tokens(256, batch=2, length=SEQUENCE_LENGTH)
+    prompt = random_tokens(256, batch=1, length=6, seed=2)
+    with torch.no_grad():
+        assert torch.equal(model(tokens), hf_model(tokens).logits)
+        theirs = hf_model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert list(qwen3.generate(model, prompt[0].tolist(), NEW_TOKENS)) == theirs[0, prompt.shape[1] :].tolist()
 
 
 # --------------------------------------------------------------------------------------------------
