@@ -583,6 +583,40 @@ def load_ours(module, folder: Path):
     return module.load_model(folder, config, CPU, torch.float32)
 
 
+def layer_outputs(layers, run) -> list[torch.Tensor]:
+    """Record the hidden state that each module of `layers` returns while `run()` executes."""
+    outputs = []
+
+    def record(module, inputs, output):
+        outputs.append((output[0] if isinstance(output, tuple) else output).detach())
+
+    handles = [layer.register_forward_hook(record) for layer in layers]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs
+
+
+LAYER_RELATIVE_TOLERANCE = 1e-5  # hidden-state difference relative to the layer's largest value
+
+
+def first_differing_layer(hf_model, model, tokens: torch.Tensor) -> str:
+    """Name the first decoder layer whose output differs from transformers' beyond float32 rounding."""
+    hf_layers = hf_model.get_decoder().layers
+    theirs = layer_outputs(hf_layers, lambda: hf_model(tokens))
+    ours = layer_outputs(model.layers, lambda: model(tokens))
+    if len(theirs) != len(ours):
+        return f"layer outputs not comparable ({len(ours)} ours, {len(theirs)} in transformers)"
+    for index, (mine, reference) in enumerate(zip(ours, theirs)):
+        difference = max_logit_difference(mine, reference.view(mine.shape))
+        if difference > LAYER_RELATIVE_TOLERANCE * max(1.0, reference.abs().max().item()):
+            return f"the first layer whose output differs is layer {index} (max |difference| {difference:.2e})"
+    return "every layer's output agrees, so the difference arises after the last layer (final norm or LM head)"
+
+
 def max_logit_difference(ours: torch.Tensor, theirs: torch.Tensor) -> float:
     return (ours.float() - theirs.float()).abs().max().item()
 
@@ -608,7 +642,7 @@ def test_logits_match_transformers(name, checkpoints):
     difference = max_logit_difference(ours, theirs)
     print(f"{name}: max |logit difference| = {difference:.2e}")
     assert ours.shape == theirs.shape
-    assert difference <= LOGIT_TOLERANCE, f"{name}: logits differ by {difference:.2e}"
+    assert difference <= LOGIT_TOLERANCE, f"{name}: logits differ by {difference:.2e}; {first_differing_layer(hf_model, model, tokens)}"
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -695,8 +729,12 @@ def test_cli_rejects_prompt_longer_than_context(name, capsys):
     folder = real_checkpoint(REAL_CHECKPOINTS[CASES[name].module]) if CASES[name].module in REAL_CHECKPOINTS else None
     if folder is None:
         pytest.skip("no converted checkpoint with a tokenizer for this family")
-    err = cli_error(module, capsys, "--model", str(folder), "--device", "cpu", "--prompt", "word " * 10, "--max-new-tokens", "40000")
+    context = module.read_config(folder)[0].max_position_embeddings
+    # The ten-word prompt alone fits; with all but four positions reserved for new tokens it does not.
+    err = cli_error(module, capsys, "--model", str(folder), "--device", "cpu", "--prompt", "word " * 10, "--max-new-tokens", str(context - 4))
     assert "exceeds the context" in err
+    err = cli_error(module, capsys, "--model", str(folder), "--device", "cpu", "--prompt", "hi", "--max-new-tokens", str(context))
+    assert "--max-new-tokens" in err
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -2131,6 +2169,113 @@ def test_smollm3_chat_template_environment_matches_transformers():
             messages=messages, add_generation_prompt=True, bos_token="<s>", **variables
         )
         assert ours == theirs[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# chat, streaming and the interactive session, on real tokenizers and templates
+
+# Gemma 3's chat template as the -it checkpoints ship it (text messages), written here because the
+# converted GGUF checkpoint carries none.
+GEMMA3_CHAT_TEMPLATE = """{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
+    {{ message['content'] | trim }}
+    {{ '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model\n'}}
+{%- endif -%}
+"""
+
+CONVERSATION = [
+    {"role": "system", "content": "Answer in one short sentence."},
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "Paris."},
+    {"role": "user", "content": "And of Italy?"},
+]
+
+
+@pytest.fixture(scope="session")
+def gemma3_chat_folder(tmp_path_factory):
+    """The converted Gemma 3 270M folder plus Gemma 3's chat template (weights linked, not copied)."""
+    source = real_checkpoint("gemma3")
+    if source is None:
+        pytest.skip("the GGUF package for gemma3 is not installed")
+    folder = tmp_path_factory.mktemp("gemma3_chat")
+    for file in source.iterdir():
+        (folder / file.name).symlink_to(file)
+    (folder / "chat_template.jinja").write_text(GEMMA3_CHAT_TEMPLATE)
+    return folder
+
+
+def test_gemma3_chat_ids_match_transformers(gemma3_chat_folder):
+    from transformers import AutoTokenizer
+
+    import gemma3
+
+    ours = gemma3.Tokenizer(gemma3_chat_folder)
+    theirs = AutoTokenizer.from_pretrained(gemma3_chat_folder)
+    for messages in (CONVERSATION[1:2], CONVERSATION[:2], CONVERSATION):
+        expected = theirs.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        ids = ours.encode_chat(messages)
+        assert ids == list(expected)
+        assert ids.count(ours.token_id("<bos>")) == 1
+
+
+def test_gemma3_interactive_second_turn_matches_full_render(gemma3_chat_folder):
+    """The second turn, prefilled on top of the cached first one, gives the tokens of a fresh full prompt."""
+    import gemma3
+
+    config, generation = gemma3.read_config(gemma3_chat_folder)
+    model = gemma3.load_model(gemma3_chat_folder, config, CPU, torch.float32)
+    tokenizer = gemma3.Tokenizer(gemma3_chat_folder)
+    stops = gemma3.stop_tokens(config, generation, tokenizer, chat=True)
+    session = gemma3.Session(model, tokenizer, config, 12, (0.0, 0, 1.0), stops, None, 0.0)
+    chat = gemma3.Chat(session)
+    list(chat.reply("What is the capital of France?"))
+    cached_before = len(chat.cached)
+    second = list(chat.reply("And of Italy?"))
+
+    fresh = list(session.generate(tokenizer.encode_chat(chat.messages[:-1])))
+    assert second == fresh
+    assert cached_before > 0
+    assert chat.messages[-1]["role"] == "assistant"
+
+
+STREAM_TEXT = "Tokyo 東京 and 北京, café ☕, emoji 🎉👍🏽 done."
+
+
+@pytest.mark.parametrize("module_name", sorted({case.module for case in CASES.values()}))
+def test_stream_decoder_holds_back_partial_characters(module_name):
+    """Byte-level BPE splits CJK characters and emoji across tokens; the stream must never show half of one."""
+    module = importlib.import_module(module_name)
+    folder = real_checkpoint("smollm2")
+    if folder is None:
+        pytest.skip("the GGUF package for smollm2 is not installed")
+    tokenizer = module.Tokenizer(folder)
+    ids = tokenizer.encode(STREAM_TEXT)
+    assert len(ids) > len(STREAM_TEXT.split())  # some characters take several tokens
+    stream = module.StreamDecoder(tokenizer)
+    pieces = [stream.push(token) for token in ids]
+    pieces.append(stream.flush())
+    assert "".join(pieces) == tokenizer.decode(ids)
+    assert "".join(pieces) == STREAM_TEXT
+    assert not any("\ufffd" in piece for piece in pieces)
 
 
 # --------------------------------------------------------------------------------------------------
