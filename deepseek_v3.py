@@ -138,7 +138,7 @@ class Config:
         settings["dtype"] = raw.get("dtype") or raw.get("torch_dtype") or "float32"
         known = {f.name for f in fields(cls)}
         # None stays only where it has a meaning; elsewhere it means "use the default".
-        meaningful_none = {"q_lora_rank", "mscale", "mscale_all_dim", "attention_factor"}
+        meaningful_none = {"q_lora_rank", "mscale", "mscale_all_dim", "attention_factor", "weight_block_size"}
         kept = {k: v for k, v in settings.items() if k in known and (v is not None or k in meaningful_none)}
         return cls(**kept)
 

