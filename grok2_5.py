@@ -1,0 +1,959 @@
+"""Grok 2.5 in one file: config, layers, checkpoint loading, tokenizer, generation, CLI.
+
+Grok 2.5 (xAI, 2024; open weights published in 2025 as xai-org/grok-2) is a decoder-only
+mixture-of-experts transformer with:
+- "sandwich" normalisation: RMSNorm before and after both attention and the feed-forward part;
+- grouped-query attention whose scores are soft-capped with tanh and then sharpened by a
+  log-length temperature for queries past `attn_temperature_len`;
+- a feed-forward part of 8 GELU-gated experts (top-2, soft-capped softmax router, weights not
+  renormalised) that runs beside a dense GELU-gated MLP, the two summed and divided by sqrt(2);
+- embeddings scaled by `embedding_multiplier_scale`, logits by `output_multiplier_scale`, then soft-capped.
+
+No `transformers` class exists for it, so this file follows sglang's implementation: in
+sgl-project/sglang, python/sglang/srt/models/grok.py, layers/moe/router.py, the triton attention
+kernels in layers/attention/triton_ops/ and tokenizer/tiktoken_tokenizer.py. The tests compare it
+with an independent float64 reference written from the same sources.
+
+    python grok2_5.py --prompt "The capital of France is"
+    python grok2_5.py --chat --prompt "Write a haiku about tea."
+    python grok2_5.py --model ./some/local/folder --prompt "..." --dtype bfloat16 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+DEFAULT_MODEL = "xai-org/grok-2"
+# xai-org/grok-2's config.json sets model_type "git", which is also the model_type of Microsoft's GIT
+# captioning models, so check_architecture decides by the `architectures` list (sglang's class names).
+MODEL_TYPES = ("git",)
+ARCHITECTURES = ("Grok1ForCausalLM", "Grok1ModelForCausalLM")
+END_OF_TURN = "<|separator|>"  # the chat format closes every turn with this token
+EOS = "<|eos|>"
+
+
+class UserError(Exception):
+    """A problem with the user's input or checkpoint; the CLI prints it as one line, no traceback."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class Config:
+    """Hyperparameters of the model; field names follow the checkpoint's config.json.
+
+    The defaults describe xai-org/grok-2. Keys that config.json may leave out fall back to sglang's
+    defaults in `from_hf`, which differ from these in a few places.
+    """
+
+    # sizes
+    vocab_size: int = 131072
+    hidden_size: int = 8192
+    intermediate_size: int = 32768  # the dense MLP beside the experts
+    moe_intermediate_size: int = 16384  # each expert
+    num_hidden_layers: int = 64
+    max_position_embeddings: int = 131072
+    # attention
+    num_attention_heads: int = 64
+    num_key_value_heads: int = 8
+    head_dim: int = 128
+    attn_logit_softcapping: float | None = 30.0  # None or <= 0 turns it off
+    attn_temperature_len: int = 1024  # <= 0 turns the length temperature off
+    rope_theta: float = 208533496.0
+    rope_type: str | None = "original"  # sglang reads "original" as plain, unscaled RoPE
+    # mixture of experts
+    num_local_experts: int = 8
+    num_experts_per_tok: int = 2
+    router_logit_softcapping: float | None = 30.0
+    residual_moe: bool = True  # a dense MLP runs beside the experts
+    # norms, scales and output
+    rms_norm_eps: float = 1e-5
+    embedding_multiplier_scale: float = 90.50966799187809  # sqrt(8192)
+    output_multiplier_scale: float = 0.5
+    final_logit_softcapping: float | None = 50.0
+    tie_word_embeddings: bool = False
+    # special tokens
+    eos_token_id: int | list[int] = 2  # <|eos|> in tokenizer.tok.json
+    dtype: str = "bfloat16"  # the dtype the checkpoint was saved in
+
+    @classmethod
+    def from_hf(cls, raw: dict) -> "Config":
+        """Build a Config from a config.json dict, filling absent keys the way sglang's grok.py does."""
+        text = dict(raw)
+        # sglang's fallbacks where a key is absent: no length temperature, no dense MLP beside the
+        # experts, experts as wide as intermediate_size, plain RoPE.
+        text.setdefault("attn_temperature_len", -1)
+        text.setdefault("residual_moe", False)
+        text.setdefault("moe_intermediate_size", text.get("intermediate_size"))
+        text.setdefault("rope_type", None)
+        if text["rope_type"] not in (None, "", "original"):
+            raise UserError(
+                f"unsupported rope_type {text['rope_type']!r}; grok2_5.py supports 'original' (plain RoPE, as sglang reads it)"
+            )
+        if text.get("rope_rotate_half_dims"):
+            raise UserError("rope_rotate_half_dims is set; grok2_5.py rotates the full head_dim only")
+        method = text.get("attn_logit_softcapping_method", "tanh")
+        if method != "tanh":
+            raise UserError(f"unsupported attn_logit_softcapping_method {method!r}; grok2_5.py supports 'tanh'")
+        if not text.get("num_local_experts"):
+            raise UserError("num_local_experts is 0 or missing; grok2_5.py supports the mixture-of-experts models only")
+        text["dtype"] = text.get("dtype") or text.get("torch_dtype") or "float32"
+        known = {f.name for f in fields(cls)}
+        # None stays only where it has a meaning (soft-capping off, plain RoPE); elsewhere it means "use the default".
+        kept = {k: v for k, v in text.items() if k in known and (v is not None or k.endswith("softcapping") or k == "rope_type")}
+        return cls(**kept)
+
+
+# --------------------------------------------------------------------------------------------------
+# Layers
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with the weight applied in float32 before the cast back, as sglang's triton kernel does."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * self.weight.float()).type_as(x)
+
+
+def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/d) of RoPE (Su et al., 2021), with theta truncated to an integer as sglang does."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
+    return 1.0 / (int(theta) ** exponents)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables (T, head_dim) for the given positions, computed in float32 then cast."""
+    angles = positions[:, None].float() * inv_freq[None, :]  # (T, head_dim/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (T, head_dim): both halves rotate by the same angle
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[i], x[i + d/2]) of each head by the position's angle ("half-rotated" layout)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with RoPE, tanh soft-capped scores and a log-length temperature."""
+
+    def __init__(self, config: Config, layer_idx: int):
+        super().__init__()
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = self.head_dim**-0.5
+        self.softcap = config.attn_logit_softcapping if (config.attn_logit_softcapping or 0) > 0 else None
+        self.temperature_len = config.attn_temperature_len
+        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int, kv: "LayerCache | None") -> torch.Tensor:
+        B, T, _ = x.shape  # batch, new tokens, hidden size
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        end_pos = start_pos + T
+        if kv is not None:
+            k, v = kv.update(k, v, start_pos, 0)  # (B, nkv, S, hd), S = end_pos
+        q_pos = torch.arange(start_pos, end_pos, device=x.device)
+        k_pos = torch.arange(0, end_pos, device=x.device)
+        mask = k_pos[None, :] <= q_pos[:, None]  # (T, S) causal
+        out = self.attend(q, k, v, mask, q_pos)  # (B, nh, T, hd)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
+        # Soft-capping and the temperature bend the scores before the softmax, which the fused kernel cannot do.
+        B, _, T, hd = q.shape
+        S, groups = k.shape[2], self.n_heads // self.n_kv_heads
+        # The `groups` query heads that share a key/value head sit next to each other, so a view
+        # lines them up with their key/value head without copying the cache.
+        q = q.reshape(B, self.n_kv_heads, groups * T, hd)
+        # Scores stay in float32 from the matmul on, as in sglang's kernels (float32 accumulators).
+        scores = (q.float() @ k.float().transpose(-2, -1)) * self.scale  # (B, nkv, groups*T, S)
+        if self.softcap is not None:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
+        scores = scores.view(B, self.n_kv_heads, groups, T, S)
+        if self.temperature_len > 0:
+            # After the cap, a query at 0-based position p > attn_temperature_len has its scores
+            # multiplied by log2(p) / log2(attn_temperature_len) (sglang's extend and decode kernels).
+            length = self.temperature_len
+            factor = torch.where(q_pos > length, torch.log2(q_pos.float()) / math.log2(length), 1.0)  # (T,)
+            scores = scores * factor[:, None]
+        scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(v.dtype).view(B, self.n_kv_heads, groups * T, S)
+        return (probs @ v).view(B, self.n_heads, T, hd)
+
+
+class MLP(nn.Module):
+    """The dense gated MLP beside the experts, with exact (erf) GELU: down(gelu(gate(x)) * up(x))."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # sglang's CUDA path (gelu_and_mul_triton) uses erf GELU. Only its NPU path uses the tanh approximation.
+        return self.down_proj(F.gelu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Expert(nn.Module):
+    """One expert, a gated MLP with exact GELU: w2(gelu(w1(x)) * w3(x)); w1 is the gate, w3 the up projection."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.w1 = nn.Linear(config.hidden_size, config.moe_intermediate_size, bias=False)
+        self.w2 = nn.Linear(config.moe_intermediate_size, config.hidden_size, bias=False)
+        self.w3 = nn.Linear(config.hidden_size, config.moe_intermediate_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.gelu(self.w1(x)) * self.w3(x))
+
+
+class MoE(nn.Module):
+    """Soft-capped softmax router over all experts; each token's top-k experts weighted by their probabilities.
+
+    The weights are the softmax probabilities over all experts, not renormalised over the chosen
+    k, so a token's expert weights sum to less than 1 (sglang's fused router kernel).
+    """
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.softcap = config.router_logit_softcapping
+        # The router weight stays float32 whatever the model dtype, as sglang keeps it.
+        self.gate = nn.Linear(config.hidden_size, config.num_local_experts, bias=False)
+        self.experts = nn.ModuleList(Expert(config) for _ in range(config.num_local_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        x = x.reshape(B * T, C)  # (N, C)
+        logits = F.linear(x.float(), self.gate.weight.float())  # (N, E), in float32
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        probs = torch.softmax(logits, dim=-1)
+        weights, expert_ids = torch.topk(probs, self.top_k, dim=-1)  # (N, k)
+
+        # Group the N * k (token, expert) pairs by expert, so each expert runs once on all of its tokens.
+        order = expert_ids.flatten().argsort(stable=True)  # (N * k,) pair indices, grouped by expert
+        tokens = order // self.top_k  # the token of each pair
+        counts = torch.bincount(expert_ids.flatten(), minlength=len(self.experts)).tolist()
+        out = torch.zeros(B * T, C, dtype=torch.float32, device=x.device)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            end = start + count
+            rows = tokens[start:end]
+            y = self.experts[expert](x[rows]).float() * weights.flatten()[order[start:end], None]  # (count, C)
+            out.index_add_(0, rows, y)  # each token sums its k experts
+            start = end
+        return out.to(x.dtype).view(B, T, C)
+
+
+class Block(nn.Module):
+    """One decoder layer: sandwich norms around attention and around the experts (plus the dense MLP)."""
+
+    def __init__(self, config: Config, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx)
+        self.block_sparse_moe = MoE(config)
+        self.mlp = MLP(config) if config.residual_moe else None
+        self.pre_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.pre_moe_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_moe_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, start_pos, kv):
+        x = x + self.post_attn_norm(self.self_attn(self.pre_attn_norm(x), cos, sin, start_pos, kv))
+        x = x + self.post_moe_norm(self.feed_forward(self.pre_moe_norm(x)))
+        return x
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mlp is None:
+            return self.block_sparse_moe(x)
+        # Dividing the sum by sqrt(2) keeps its scale that of one branch.
+        return (self.mlp(x) + self.block_sparse_moe(x)) / math.sqrt(2)
+
+
+class Model(nn.Module):
+    """The Grok 2.5 decoder with its LM head; module names match the checkpoint's tensor names."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # The LM head reuses the embedding matrix unless the checkpoint has its own (xai-org/grok-2 has).
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(config.head_dim, config.rope_theta), persistent=False)
+
+    def forward(self, tokens: torch.Tensor, cache: "KVCache | None" = None, start_pos: int = 0, last_only: bool = False) -> torch.Tensor:
+        """Return float32 logits (B, T, vocab) for `tokens` (B, T) at positions start_pos.. (only the last one if `last_only`)."""
+        x = self.embed_tokens(tokens)  # (B, T, C)
+        # A Python float factor: the product is rounded once, in the activation dtype, as sglang's mul_ does.
+        x = x * self.config.embedding_multiplier_scale
+        positions = torch.arange(start_pos, start_pos + tokens.shape[1], device=tokens.device)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, start_pos, None if cache is None else cache.layers[i])
+        if last_only:
+            x = x[:, -1:]
+        x = self.norm(x)
+        logits = F.linear(x, self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight).float()
+        # sglang folds output_multiplier_scale into the LM head weights at load time. The published
+        # 0.5 is a power of two, so scaling the logits instead gives the same numbers.
+        logits = logits * self.config.output_multiplier_scale
+        if self.config.final_logit_softcapping:
+            cap = self.config.final_logit_softcapping
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoint loading
+
+HUB_FILES = [
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "tokenizer.tok.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+]
+# xai-org/grok-2 is saved for 8-way tensor parallelism: pytorch_model-000NN-TP-common.safetensors hold
+# whole tensors, and each expert matrix is cut into 8 pieces, one per pytorch_model-000NN-TP-00R.safetensors.
+TP_RANK = re.compile(r"-TP-(\d+)\.safetensors$")
+# The dimension along which an expert matrix was cut: rows of w1 (gate) and w3 (up), columns of w2 (down).
+EXPERT_SPLIT_DIMS = {".w1.weight": 0, ".w3.weight": 0, ".w2.weight": 1}
+EXPERT_INFIX = ".block_sparse_moe.experts."
+ROUTER_SUFFIX = "block_sparse_moe.gate.weight"
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def resolve_checkpoint(model: str) -> Path:
+    """Return a local folder holding the checkpoint: `model` itself, or its hub download."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"--model {model} is a file; pass the folder that contains config.json")
+        return path
+    if model.count("/") != 1 or model.startswith((".", "/", "~")):
+        raise UserError(f"--model {model}: no such folder, and not a hub repo id of the form owner/name")
+    return download(model)
+
+
+def download(repo_id: str) -> Path:
+    """Download the files this loader needs from the hub into its usual cache (HF_TOKEN is honoured)."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        # config.json first, so that a checkpoint of another family fails before gigabytes arrive.
+        check_architecture(json.loads(Path(hf_hub_download(repo_id, "config.json")).read_text()), repo_id)
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except GatedRepoError:
+        raise UserError(
+            f"{repo_id} is gated: accept its license at https://huggingface.co/{repo_id}, "
+            "then run `huggingface-cli login` or set HF_TOKEN"
+        ) from None
+    except RepositoryNotFoundError:
+        raise UserError(f"{repo_id} not found on the Hugging Face hub (or it is private and HF_TOKEN is not set)") from None
+    except LocalEntryNotFoundError:
+        raise UserError(f"cannot download {repo_id}: the hub is unreachable and it is not in the local cache; pass a local folder with --model") from None
+    except HfHubHTTPError as error:
+        raise UserError(f"cannot download {repo_id}: {str(error).splitlines()[0]}") from None
+
+
+def check_architecture(raw: dict, source: str) -> None:
+    # sglang picks its model class by `architectures`, not by model_type.
+    if any(name in ARCHITECTURES for name in raw.get("architectures") or []):
+        return
+    found = repr(raw.get("model_type") or "unknown")
+    if raw.get("architectures"):
+        found += f" ({', '.join(raw['architectures'])})"
+    raise UserError(
+        f"{source} is a {found} checkpoint, not Grok 2.5 (model_type {MODEL_TYPES[0]!r} with architectures "
+        f"{' or '.join(ARCHITECTURES)}); use the model file for its family"
+    )
+
+
+def read_config(folder: Path) -> tuple[Config, dict]:
+    """Return the Config and the generation settings (generation_config.json, or {}) of a checkpoint folder."""
+    config_file = folder / "config.json"
+    if not config_file.exists():
+        raise UserError(f"{folder} has no config.json; pass a Hugging Face checkpoint folder")
+    raw = json.loads(config_file.read_text())
+    check_architecture(raw, str(folder))
+    generation_file = folder / "generation_config.json"
+    generation = json.loads(generation_file.read_text()) if generation_file.exists() else {}
+    return Config.from_hf(raw), generation
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """Return every .safetensors file of the folder; the loader reads each header, because the published layout may have no index."""
+    for index in folder.glob("*.safetensors.index.json"):
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [name for name in shards if not (folder / name).exists()]
+        if missing:
+            raise UserError(f"{folder} is incomplete: {missing[0]} (named in {index.name}) is missing")
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{folder} has no .safetensors files; only safetensors checkpoints load")
+    return files
+
+
+def parameter_name(key: str, config: Config) -> str | None:
+    """Map a checkpoint tensor name to this file's parameter name; None means the tensor is not used."""
+    if key == "lm_head.weight":
+        return None if config.tie_word_embeddings else "lm_head.weight"
+    if key.startswith("model."):
+        return key[len("model.") :]
+    return key
+
+
+def tp_rank(file: Path) -> int | None:
+    """Return the tensor-parallel rank in a file name such as pytorch_model-00006-TP-003.safetensors, else None."""
+    match = TP_RANK.search(file.name)
+    return int(match.group(1)) if match else None
+
+
+# safetensors dtype names -> torch dtypes
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+READ_CHUNK_BYTES = 64 * 2**20
+
+
+class SafetensorsFile:
+    """A .safetensors file, read with plain reads rather than mmap.
+
+    The format is an 8-byte little-endian header size, a JSON header mapping each tensor name to
+    its dtype, shape and byte range, then the raw little-endian data. Reading a tensor in chunks of
+    rows straight into its destination (of any dtype, device and layout, or a slice of a larger
+    tensor) means that memory never contains a second copy of a tensor, and that no mapped file pages
+    linger in the process's memory.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = open(path, "rb")
+        header_size = int.from_bytes(self.file.read(8), "little")
+        self.header = json.loads(self.file.read(header_size))
+        self.header.pop("__metadata__", None)
+        self.data_start = 8 + header_size
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.header[key]["shape"])
+
+    def dtype(self, key: str) -> torch.dtype:
+        return SAFETENSORS_DTYPES[self.header[key]["dtype"]]
+
+    def read(self, key: str, dtype: torch.dtype | None = None, device: torch.device = torch.device("cpu"), column_major: bool = False) -> torch.Tensor:
+        """Read tensor `key`, cast to `dtype` (default: as stored), onto `device`.
+
+        A column-major matrix keeps its (out, in) shape; only its strides differ.
+        """
+        out = empty_tensor(self.shape(key), dtype or self.dtype(key), device, column_major)
+        self.read_into(key, out)
+        return out
+
+    def read_into(self, key: str, out: torch.Tensor) -> None:
+        """Copy tensor `key` into `out`, a tensor or a view (such as a slice) of its shape, casting as it goes."""
+        entry = self.header[key]
+        source_dtype = self.dtype(key)
+        begin, end = entry["data_offsets"]
+        if out.numel() == 0:
+            return
+        rows = out.view(1, -1) if out.ndim == 0 else out  # a scalar is one row
+        row_bytes = (end - begin) // rows.shape[0]
+        step = max(1, READ_CHUNK_BYTES // row_bytes)
+        for first in range(0, rows.shape[0], step):
+            count = min(step, rows.shape[0] - first)
+            buffer = bytearray(count * row_bytes)
+            self.file.seek(self.data_start + begin + first * row_bytes)
+            self.file.readinto(buffer)
+            rows[first : first + count] = torch.frombuffer(buffer, dtype=source_dtype).view(count, *rows.shape[1:])
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+def empty_tensor(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, column_major: bool) -> torch.Tensor:
+    if column_major:
+        return torch.empty(shape[::-1], dtype=dtype, device=device).t()  # (out, in) view of (in, out) storage
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def load_model(folder: Path, config: Config, device: torch.device, dtype: torch.dtype) -> Model:
+    """Build the model on the meta device, then fill it tensor by tensor from the safetensors files.
+
+    Each tensor is read in chunks straight into its final dtype, device and layout, so peak memory
+    stays near the size of the weights in the target dtype. An expert matrix cut into one piece per
+    tensor-parallel file is put together by reading each piece into its slice, in rank order.
+    Loading is strict: a missing, unexpected or misshapen tensor raises an error that names it.
+    """
+    with torch.device("meta"):
+        model = Model(config)
+    expected = dict(model.named_parameters())
+    with ExitStack() as stack:
+        # Every header first: where each tensor is, whole or in pieces.
+        pieces: dict[str, list[tuple[int | None, SafetensorsFile]]] = {}
+        for file in checkpoint_files(folder):
+            f = stack.enter_context(SafetensorsFile(file))
+            for key in f.keys():
+                pieces.setdefault(key, []).append((tp_rank(file), f))
+
+        loaded = set()
+        for key, places in pieces.items():
+            name = parameter_name(key, config)
+            if name is None:
+                continue
+            if name not in expected:
+                raise UserError(f"unexpected tensor {key} in {places[0][1].path.name}; is this a Grok 2.5 checkpoint?")
+            shape = tuple(expected[name].shape)
+            # The router stays in float32, as sglang keeps it; every other tensor takes the model dtype.
+            target_dtype = torch.float32 if name.endswith(ROUTER_SUFFIX) else dtype
+            tensor = empty_tensor(shape, target_dtype, device, use_column_major(shape, target_dtype, device))
+            if len(places) == 1:
+                f = places[0][1]
+                if f.shape(key) != shape:
+                    raise UserError(f"tensor {key} has shape {f.shape(key)}, expected {shape} from config.json")
+                f.read_into(key, tensor)
+            else:
+                read_pieces(key, places, tensor)
+            set_parameter(model, name, tensor)
+            loaded.add(name)
+    missing = sorted(set(expected) - loaded)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise UserError(f"checkpoint {folder} lacks tensor {missing[0]}{more}")
+    # Buffers (RoPE frequencies) were built on the meta device; recompute them where the weights live.
+    model.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta).to(device)
+    return model.eval()
+
+
+def read_pieces(key: str, places: list[tuple[int | None, SafetensorsFile]], out: torch.Tensor) -> None:
+    """Fill `out` with the tensor-parallel pieces of expert matrix `key`, concatenated in rank order."""
+    names = ", ".join(f.path.name for _, f in places)
+    dim = next((d for suffix, d in EXPERT_SPLIT_DIMS.items() if EXPERT_INFIX in key and key.endswith(suffix)), None)
+    ranks = [rank for rank, _ in places]
+    if dim is None or None in ranks:
+        raise UserError(f"tensor {key} appears in several files ({names}); only expert matrices in -TP-00R files may be split")
+    if len(set(ranks)) != len(ranks):
+        raise UserError(f"tensor {key} appears twice for one tensor-parallel rank ({names})")
+    places = sorted(places, key=lambda place: place[0])
+    shapes = [f.shape(key) for _, f in places]
+    joined = list(shapes[0])
+    joined[dim] = sum(shape[dim] for shape in shapes)
+    others_match = all(shape[:dim] + shape[dim + 1 :] == shapes[0][:dim] + shapes[0][dim + 1 :] for shape in shapes)
+    if not others_match or tuple(joined) != tuple(out.shape):
+        raise UserError(f"tensor {key} is split into pieces {', '.join(map(str, shapes))} that do not join into {tuple(out.shape)} along dim {dim}")
+    start = 0
+    for (_, f), shape in zip(places, shapes):
+        f.read_into(key, out.narrow(dim, start, shape[dim]))
+        start += shape[dim]
+
+
+def use_column_major(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether to store a weight column-major: float32 matrices on the CPU, nothing else.
+
+    A matrix-vector product reads a column-major float32 (out, in) weight about twice as fast as a
+    row-major one with this torch on x86 CPUs (measured: 21 GB/s against 11 GB/s for the 262144 x 640
+    LM head). In bfloat16 the row-major layout is the fast one. The shape does not change, only
+    the strides, so every other line of the file is unaware of it.
+    """
+    return len(shape) == 2 and dtype == torch.float32 and device.type == "cpu"
+
+
+def set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(module_name), attr, nn.Parameter(tensor, requires_grad=False))
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizer and chat template
+
+# The pre-tokeniser pattern of word_split "V1" (sglang's PAT_STR_B): GPT-4's split, except that
+# every digit is a piece of its own.
+WORD_SPLIT_V1 = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+# sglang's chat format for tokenizer.tok.json, which ships no template: "Human: ..." and
+# "Assistant: ..." turns, each closed by <|separator|> and a blank line.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ 'Human: ' + message['content'].strip() + '<|separator|>\n\n' }}"
+    "{% elif message['role'] == 'system' %}{{ 'System: ' + message['content'].strip() + '<|separator|>\n\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ 'Assistant: ' + message['content'] + '<|separator|>\n\n' }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: each byte as a printable character, so BPE works on text strings."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    mapping = {b: chr(b) for b in printable}
+    shifted = 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + shifted)
+            shifted += 1
+    return mapping
+
+
+def tokenizer_from_tiktoken(path: Path):
+    """Build a `tokenizers` BPE tokenizer equal to the tiktoken encoding in an xAI tokenizer.tok.json.
+
+    The file lists regular tokens and special tokens as {"bytes": [...], "token": id}. tiktoken
+    merges the adjacent pair whose joined bytes have the lowest rank (the id), so the equivalent
+    BPE lists, for each token in rank order, every split of it into two tokens as a merge.
+    """
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    data = json.loads(path.read_text())
+    word_split = data.get("word_split")
+    if word_split != "V1":
+        raise UserError(f"{path.name}: unsupported word_split {word_split!r}; grok2_5.py supports 'V1'")
+    pattern = data.get("pat_str") or WORD_SPLIT_V1  # sglang lets an explicit pat_str win
+
+    alphabet = byte_to_unicode()
+    ranks = {"".join(alphabet[b] for b in item["bytes"]): item["token"] for item in data["regular_tokens"]}
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
+        merges += sorted(splits, key=lambda pair: (ranks[pair[0]], ranks[pair[1]]))
+    specials = {bytes(item["bytes"]).decode(): item["token"] for item in data["special_tokens"]}
+    clashes = [text for text in specials if text in ranks]
+    if clashes:
+        raise UserError(f"{path.name}: special token {clashes[0]!r} is also a regular token")
+    # Special tokens join the vocabulary with their own ids, so that adding them below keeps those ids.
+    vocab = {**ranks, **specials}
+
+    tokenizer = HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tokenizer.decoder = decoders.ByteLevel()
+    # NOTE: sglang's encode recognises only <|pad|>, <|separator|>, <|eos|>, <|controlN|> and
+    # <|reserved_N|> in text, which are all the special tokens xai-org/grok-2 lists; here every
+    # special token of the file is recognised.
+    tokenizer.add_special_tokens([AddedToken(text, special=True, normalized=False) for text in specials])
+    return tokenizer
+
+
+class Tokenizer:
+    """The checkpoint's tokenizer (tokenizer.tok.json, else tokenizer.json, via `tokenizers`) and its chat template (via jinja2)."""
+
+    def __init__(self, folder: Path):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        if (folder / "tokenizer.tok.json").exists():
+            self.tokenizer = tokenizer_from_tiktoken(folder / "tokenizer.tok.json")
+        elif (folder / "tokenizer.json").exists():
+            self.tokenizer = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+        else:
+            raise UserError(f"{folder} has no tokenizer.tok.json or tokenizer.json")
+        config_file = folder / "tokenizer_config.json"
+        self.settings = json.loads(config_file.read_text()) if config_file.exists() else {}
+        template_file = folder / "chat_template.jinja"
+        self.chat_template = template_file.read_text() if template_file.exists() else self.settings.get("chat_template")
+        if isinstance(self.chat_template, list):  # [{"name": "default", "template": ...}, ...]
+            self.chat_template = {t["name"]: t["template"] for t in self.chat_template}.get("default")
+        self.chat_template = self.chat_template or DEFAULT_CHAT_TEMPLATE
+
+    def encode(self, text: str) -> list[int]:
+        # Grok has no BOS token: the text is encoded as is, special tokens written in it included.
+        return self.tokenizer.encode(text, add_special_tokens=True).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def token_id(self, token: str) -> int | None:
+        return self.tokenizer.token_to_id(token)
+
+    def special_token(self, name: str) -> str:
+        value = self.settings.get(name) or ""
+        return value.get("content", "") if isinstance(value, dict) else value
+
+    def encode_chat(self, messages: list[dict], **template_variables) -> list[int]:
+        """Render the chat template with a generation prompt, then encode it.
+
+        `template_variables` reach the template as is.
+        """
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        try:
+            text = env.from_string(self.chat_template).render(
+                messages=messages,
+                add_generation_prompt=True,
+                bos_token=self.special_token("bos_token"),
+                eos_token=self.special_token("eos_token"),
+                **template_variables,
+            )
+        except TemplateError as error:
+            raise UserError(f"the chat template rejected the conversation: {error}") from None
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+
+class StreamDecoder:
+    """Turn token ids into text pieces as they arrive, holding back incomplete UTF-8 characters."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.printed = 0  # characters of decode(self.ids) already returned
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # the token ends inside a multi-byte character: wait for the rest
+            return ""
+        piece = text[self.printed :]
+        self.printed = len(text)
+        return piece
+
+
+# --------------------------------------------------------------------------------------------------
+# KV cache and generation
+
+
+class LayerCache:
+    """Preallocated keys and values of one layer: (B, n_kv_heads, max_len, head_dim) each."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, start_pos: int, first_key: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new keys and values at start_pos, return those from first_key to the end."""
+        end_pos = start_pos + k.shape[2]
+        self.k[:, :, start_pos:end_pos] = k
+        self.v[:, :, start_pos:end_pos] = v
+        return self.k[:, :, first_key:end_pos], self.v[:, :, first_key:end_pos]
+
+
+class KVCache:
+    def __init__(self, config: Config, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
+        shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
+        self.layers = [LayerCache(shape, dtype, device) for _ in range(config.num_hidden_layers)]
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None) -> int:
+    """Pick the next token from a (vocab,) logit vector: argmax at temperature 0, else top-k/top-p sampling."""
+    if temperature == 0:
+        return int(logits.argmax())
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth_largest = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        # Drop a token once the more likely ones already cover top_p; the most likely always stays.
+        drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p
+        logits[order[drop]] = float("-inf")
+    return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator))
+
+
+@torch.inference_mode()
+def generate(
+    model: Model,
+    prompt: list[int],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    stop_tokens: set[int] = frozenset(),
+    seed: int | None = None,
+) -> Iterator[int]:
+    """Yield new token ids: one prefill pass over the prompt, then one decode pass per token."""
+    device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    cache = KVCache(model.config, 1, len(prompt) + max_new_tokens, dtype, device)
+    logits = model(torch.tensor([prompt], device=device), cache, start_pos=0, last_only=True)
+    for pos in range(len(prompt), len(prompt) + max_new_tokens):
+        token = sample(logits[0, -1], temperature, top_k, top_p, generator)
+        yield token
+        if token in stop_tokens or pos + 1 == len(prompt) + max_new_tokens:
+            return
+        logits = model(torch.tensor([[token]], device=device), cache, start_pos=pos)
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible to torch; use --device cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps: MPS is not available on this machine; use --device cpu")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, config: Config, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return DTYPES[name]
+    # The checkpoint's own dtype, except that CPUs without fast half precision get float32.
+    dtype = DTYPES.get(config.dtype, torch.float32)
+    return torch.float32 if device.type == "cpu" and dtype == torch.float16 else dtype
+
+
+def stop_tokens(config: Config, generation: dict, tokenizer: Tokenizer, chat: bool) -> set[int]:
+    """Token ids that end generation: the EOS ids of generation_config.json (else config.json) and <|eos|>, plus end-of-turn when chatting."""
+    eos = generation.get("eos_token_id", config.eos_token_id)
+    stops = set(eos if isinstance(eos, list) else [eos])
+    for token in (EOS, END_OF_TURN) if chat else (EOS,):
+        token_id = tokenizer.token_id(token)
+        if token_id is not None:
+            stops.add(token_id)
+    return stops
+
+
+def sampling_settings(args: argparse.Namespace, generation: dict) -> tuple[float, int, float]:
+    """Temperature, top-k and top-p: the flags, else generation_config.json when it samples, else greedy."""
+    samples = generation.get("do_sample", False)
+    temperature = args.temperature if args.temperature is not None else (generation.get("temperature", 1.0) if samples else 0.0)
+    top_k = args.top_k if args.top_k is not None else (generation.get("top_k", 0) if samples else 0)
+    top_p = args.top_p if args.top_p is not None else (generation.get("top_p", 1.0) if samples else 1.0)
+    if temperature < 0:
+        raise UserError(f"--temperature {temperature}: must be >= 0 (0 is greedy)")
+    if top_k < 0:
+        raise UserError(f"--top-k {top_k}: must be >= 0 (0 keeps every token)")
+    if not 0 < top_p <= 1:
+        raise UserError(f"--top-p {top_p}: must be in (0, 1]")
+    return temperature, top_k or 0, top_p if top_p is not None else 1.0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Generate text with a Grok 2.5 checkpoint.")
+    parser.add_argument("--prompt", required=True, help="the prompt (with --chat: the user message)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"hub repo id or local folder (default: {DEFAULT_MODEL})")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default: 128)")
+    parser.add_argument("--temperature", type=float, default=None, help="0 is greedy; default: the checkpoint's generation_config.json, else 0")
+    parser.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens, 0 for all; default: generation_config.json, else 0")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]; default: generation_config.json, else 1")
+    parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="default: the checkpoint's dtype (float32 for float16 on CPU)")
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the chat format (the checkpoint's template, else sglang's Human:/Assistant: format)")
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> None:
+    if not args.prompt.strip():
+        raise UserError("--prompt is empty; give some text to continue")
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
+    folder = resolve_checkpoint(args.model)
+    config, generation = read_config(folder)
+    temperature, top_k, top_p = sampling_settings(args, generation)
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, config, device)
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(1) as pool:  # the tokenizer loads while the weights do
+        tokenizer_job = pool.submit(Tokenizer, folder)
+        model = load_model(folder, config, device, dtype)
+        tokenizer = tokenizer_job.result()
+    prompt = tokenizer.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat else tokenizer.encode(args.prompt)
+    if len(prompt) + args.max_new_tokens > config.max_position_embeddings:
+        raise UserError(
+            f"prompt ({len(prompt)} tokens) plus --max-new-tokens {args.max_new_tokens} exceeds the context of "
+            f"{config.max_position_embeddings} tokens; shorten the prompt or lower --max-new-tokens"
+        )
+    log(f"loaded {folder} in {time.perf_counter() - started:.1f}s ({dtype}, {device})")
+
+    stream = StreamDecoder(tokenizer)
+    tokens = generate(model, prompt, args.max_new_tokens, temperature, top_k, top_p, stop_tokens(config, generation, tokenizer, args.chat), args.seed)
+    started = time.perf_counter()
+    count = 0
+    for token in tokens:
+        if count == 0:
+            prefill_seconds = time.perf_counter() - started
+            started = time.perf_counter()
+        count += 1
+        print(stream.push(token), end="", flush=True)
+    decode_seconds = time.perf_counter() - started
+    print()
+    decode_rate = f"{(count - 1) / decode_seconds:.1f} tokens/s" if count > 1 else "n/a"
+    log(f"prompt: {len(prompt)} tokens, {len(prompt) / prefill_seconds:.1f} tokens/s; generation: {count} tokens, {decode_rate}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
