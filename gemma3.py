@@ -46,26 +46,28 @@ class UserError(Exception):
 class Config:
     """Hyperparameters of the text model; field names follow the checkpoint's config.json.
 
-    The defaults describe google/gemma-3-270m.
+    The defaults describe the family's flagship, the text model of google/gemma-3-27b-it (NOTE: its
+    values are from the published config.json as recalled here, not read from the gated hub file;
+    the parameter-count test checks them against Google's published size).
     """
 
     # sizes
-    vocab_size: int = 262144
-    hidden_size: int = 640
-    intermediate_size: int = 2048
-    num_hidden_layers: int = 18
-    max_position_embeddings: int = 32768
+    vocab_size: int = 262208
+    hidden_size: int = 5376
+    intermediate_size: int = 21504
+    num_hidden_layers: int = 62
+    max_position_embeddings: int = 131072
     # attention
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 1
-    head_dim: int = 256
-    query_pre_attn_scalar: float = 256.0  # scores are scaled by query_pre_attn_scalar**-0.5, not head_dim**-0.5
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 16
+    head_dim: int = 128
+    query_pre_attn_scalar: float = 168.0  # scores are scaled by query_pre_attn_scalar**-0.5, not head_dim**-0.5
     attn_logit_softcapping: float | None = None
-    sliding_window: int = 512
+    sliding_window: int = 1024
     layer_types: tuple[str, ...] = ()  # "sliding_attention" or "full_attention" per layer
     # RoPE: global (full-attention) layers and local (sliding) layers have separate bases
     rope_theta: float = 1_000_000.0
-    rope_scaling_factor: float = 1.0  # linear position scaling, global layers only
+    rope_scaling_factor: float = 8.0  # linear position scaling, global layers only
     rope_local_base_freq: float = 10_000.0
     # norms and output
     rms_norm_eps: float = 1e-6
@@ -693,6 +695,74 @@ def generate(
 
 
 # --------------------------------------------------------------------------------------------------
+# Architecture summary (--info): sizes computed from the config alone, on the meta device
+
+BFLOAT16_BYTES = 2
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+LONG_CONTEXT = 128 * 1024
+
+
+def describe(config: Config) -> dict:
+    """Return parameter counts, layer kinds, attention layout and memory figures for `config`.
+
+    Nothing is loaded: the model is built on the meta device, where parameters have shapes but no
+    storage. The KV cache figures are what the architecture needs in bfloat16: a sliding-window
+    layer never needs more than `sliding_window` positions.
+    """
+    with torch.device("meta"):
+        model = Model(config)
+    total = sum(p.numel() for p in model.parameters())  # the tied LM head is the embedding, counted once
+    kv_per_position = 2 * config.num_key_value_heads * config.head_dim * BFLOAT16_BYTES  # keys and values
+    full = config.layer_types.count("full_attention")
+    sliding = config.layer_types.count("sliding_attention")
+    return {
+        "family": "Gemma 3",
+        "total_parameters": total,
+        "active_parameters": total,  # dense: every parameter works on every token
+        "layers": f"{config.num_hidden_layers}: {sliding} sliding-window ({config.sliding_window}), {full} full",
+        "attention": f"GQA, {config.num_attention_heads} query / {config.num_key_value_heads} KV heads of {config.head_dim}",
+        "kv_bytes_per_token": full * kv_per_position,
+        "kv_bytes_long_context": (full * LONG_CONTEXT + sliding * min(config.sliding_window, LONG_CONTEXT)) * kv_per_position,
+        "weight_bytes": total * DTYPE_BYTES.get(config.dtype, BFLOAT16_BYTES),
+        "weight_format": config.dtype,
+    }
+
+
+
+def format_description(description: dict) -> str:
+    def gigabytes(n: int) -> str:
+        return f"{n / 1e9:.2f} GB"
+
+    lines = [
+        f"{description['family']}",
+        f"parameters:          {description['total_parameters'] / 1e9:.2f} B total, {description['active_parameters'] / 1e9:.2f} B active per token",
+        f"layers:              {description['layers']}",
+        f"attention:           {description['attention']}",
+        f"KV cache (bfloat16): {description['kv_bytes_per_token']:,} bytes per token past the windows; {gigabytes(description['kv_bytes_long_context'])} at {LONG_CONTEXT:,} tokens",
+        f"weights as published: {gigabytes(description['weight_bytes'])} ({description['weight_format']})",
+    ]
+    return "\n".join(lines)
+
+
+def read_config_only(model: str | None) -> Config:
+    """The Config of a folder or hub repo, fetching config.json alone; the flagship's defaults without `model`."""
+    if model is None:
+        return Config()
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return read_config(path)[0]
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        raw = json.loads(Path(hf_hub_download(model, "config.json")).read_text())
+    except (LocalEntryNotFoundError, HfHubHTTPError) as error:
+        raise UserError(f"cannot read config.json of {model}: {str(error).splitlines()[0]}") from None
+    check_architecture(raw, model)
+    return Config.from_hf(raw)
+
+
+# --------------------------------------------------------------------------------------------------
 # CLI
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -748,7 +818,7 @@ def sampling_settings(args: argparse.Namespace, generation: dict) -> tuple[float
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Generate text with a Gemma 3 checkpoint.")
     parser.add_argument("--prompt", help="the prompt (with --chat: the user message); required unless --interactive")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"hub repo id or local folder (default: {DEFAULT_MODEL})")
+    parser.add_argument("--model", default=None, help=f"hub repo id or local folder (default: {DEFAULT_MODEL})")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most, per reply with --interactive (default: 128)")
     parser.add_argument("--temperature", type=float, default=None, help="0 is greedy; default: the checkpoint's generation_config.json, else 0")
     parser.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens, 0 for all; default: generation_config.json, else 0")
@@ -758,6 +828,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="default: the checkpoint's dtype (float32 for float16 on CPU)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
     parser.add_argument("--interactive", action="store_true", help=f"multi-turn chat in the terminal; {CLEAR_COMMAND} starts over, Ctrl-D or Ctrl-C quits")
+    parser.add_argument("--info", action="store_true", help="print sizes computed from the config without loading weights (default: the flagship checkpoint)")
     return parser.parse_args(argv)
 
 
@@ -912,6 +983,10 @@ def interactive(session: Session) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    if args.info:
+        print(format_description(describe(read_config_only(args.model))))
+        return
+    args.model = args.model or DEFAULT_MODEL
     if args.prompt is None and not args.interactive:
         raise UserError("--prompt is required (or use --interactive)")
     if args.prompt is not None and not args.prompt.strip():

@@ -2301,6 +2301,53 @@ def test_smollm3_chat_template_environment_matches_transformers():
 # --------------------------------------------------------------------------------------------------
 # chat, streaming and the interactive session, on real tokenizers and templates
 
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CHATML_SPECIALS = ["<|im_start|>", "<|im_end|>", "<think>", "</think>", "<|a|>", "<|b|>", "<|c|>"]
+
+
+def write_byte_tokenizer(folder: Path, specials: list[str]) -> None:
+    """Write a byte-level tokenizer.json of 256 ids: 249 single bytes (all but 0x00-0x06) and 7 special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    assert len(specials) == 7
+    # The byte-level alphabet maps bytes 0x00-0x06 to U+0100..U+0106; dropping them leaves room for
+    # the special tokens within the small test models' vocabulary of 256.
+    alphabet = [c for c in sorted(pre_tokenizers.ByteLevel.alphabet()) if not 0x100 <= ord(c) <= 0x106]
+    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(specials)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_chat_second_turn_matches_full_render(name, checkpoints, tmp_path):
+    """The second turn, prefilled on top of the cached first one, gives the tokens of a fresh full prompt."""
+    module = importlib.import_module(CASES[name].module)
+    folder = tmp_path / "chat"
+    shutil.copytree(checkpoints(name)[1], folder)
+    write_byte_tokenizer(folder, CHATML_SPECIALS)
+    (folder / "chat_template.jinja").write_text(CHATML_TEMPLATE)
+
+    config, _ = module.read_config(folder)
+    model = module.load_model(folder, config, CPU, torch.float32)
+    tokenizer = module.Tokenizer(folder)
+    session = module.Session(model, tokenizer, config, 8, (0.0, 0, 1.0), {tokenizer.token_id("<|im_end|>")}, None, 0.0)
+    chat = module.Chat(session)
+    first = list(chat.reply("hello there"))
+    cached_after_first = len(chat.cached)
+    second = list(chat.reply("and once more"))
+    fresh = list(session.generate(tokenizer.encode_chat(chat.messages[:-1])))
+    assert len(first) > 0
+    assert cached_after_first > 0
+    assert second == fresh
+
+
+
 # Gemma 3's chat template as the -it checkpoints ship it (text messages), written here because the
 # converted GGUF checkpoint carries none.
 GEMMA3_CHAT_TEMPLATE = """{{ bos_token }}
