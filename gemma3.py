@@ -42,6 +42,15 @@ class UserError(Exception):
 # Config
 
 
+# Gemma3TextConfig's defaults in transformers, for keys a config.json may omit.
+TRANSFORMERS_DEFAULTS = {
+    "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+    "max_position_embeddings": 131072, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+    "query_pre_attn_scalar": 256, "sliding_window": 4096, "rope_theta": 1_000_000.0, "rope_scaling_factor": 1.0,
+    "rope_local_base_freq": 10_000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+}
+
+
 @dataclass
 class Config:
     """Hyperparameters of the text model; field names follow the checkpoint's config.json.
@@ -112,6 +121,8 @@ class Config:
         if global_rope.get("rope_type", global_rope.get("type")) == "linear":
             text["rope_scaling_factor"] = global_rope["factor"]
         text["dtype"] = text.get("dtype") or text.get("torch_dtype") or raw.get("torch_dtype") or "float32"
+        # A key that config.json leaves out means transformers' default, not this file's flagship value.
+        text = {**TRANSFORMERS_DEFAULTS, **{k: v for k, v in text.items() if v is not None or k.endswith("softcapping")}}
         known = {f.name for f in fields(cls)}
         # None stays only where it has a meaning (soft-capping off); elsewhere it means "use the default".
         kept = {k: v for k, v in text.items() if k in known and (v is not None or k.endswith("softcapping"))}

@@ -875,6 +875,21 @@ def test_unreachable_hub_gives_one_line(name, capsys, monkeypatch):
     assert "nobody-here/no-such-model" in err
 
 
+def test_gemma3_missing_config_keys_take_transformers_defaults():
+    """Keys that config.json omits take transformers' defaults, not the flagship values of Config()."""
+    from transformers import Gemma3TextConfig
+
+    import gemma3
+
+    raw = {"model_type": "gemma3_text", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 6}
+    ours = gemma3.Config.from_hf(raw)
+    theirs = Gemma3TextConfig(**{k: v for k, v in raw.items() if k != "model_type"})
+    for key in ("vocab_size", "num_attention_heads", "num_key_value_heads", "head_dim", "query_pre_attn_scalar", "sliding_window", "max_position_embeddings"):
+        assert getattr(ours, key) == getattr(theirs, key), key
+    assert list(ours.layer_types) == list(theirs.layer_types)
+    assert ours.rope_scaling_factor == 1.0
+
+
 # --------------------------------------------------------------------------------------------------
 # Gemma 3: the text part of multimodal checkpoints, in both weight layouts
 
