@@ -1941,19 +1941,8 @@ HARMONY_SPECIALS = ["<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|ret
 
 
 def harmony_tokenizer_folder(folder: Path) -> Path:
-    """Write a byte-level tokenizer.json of 256 ids: 249 single bytes (all but 0x00-0x06) and the harmony specials."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    # The byte-level alphabet maps bytes 0x00-0x06 to U+0100..U+0106; dropping them leaves room
-    # for the special tokens within the test models' vocabulary of 256.
-    alphabet = [c for c in sorted(pre_tokenizers.ByteLevel.alphabet()) if not 0x100 <= ord(c) <= 0x106]
-    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens(HARMONY_SPECIALS)
-    folder.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(folder / "tokenizer.json"))
-    assert tokenizer.get_vocab_size() == 256
+    """Write a byte-level tokenizer.json of 256 ids whose special tokens are harmony's."""
+    write_byte_tokenizer(folder, HARMONY_SPECIALS)
     return folder
 
 
@@ -3827,6 +3816,34 @@ def test_grok2_5_tokenizer_matches_sglang_reference(grok_reference_checkpoint):
     tokenizer = grok2_5.Tokenizer(grok_reference_checkpoint)
     for text in ["Human: hello world<|separator|>\n\nAssistant:", "digits 12345 and café, 東京 🎉", "  spaces\tand\r\nlines"]:
         assert tokenizer.encode(text) == grok2_5_sglang.reference_tokenizer_encode(grok_reference_checkpoint, text), text
+
+
+# --------------------------------------------------------------------------------------------------
+# the architecture comparison: parameter counts against the publishers' figures, and the README table
+
+# (model file, checkpoint, config.json keys for Config.from_hf or None for the file's flagship
+# defaults, published total parameters, published active parameters per token, source)
+PUBLISHED_SIZES = [
+    ("gemma3", "google/gemma-3-27b-it, text model", None, 27e9, 27e9, "Google, Gemma 3 model card: 27B (the text model; the 0.4B vision encoder is not counted here)"),
+]
+
+
+@pytest.mark.parametrize(("module_name", "checkpoint", "raw", "total", "active", "source"), PUBLISHED_SIZES, ids=[row[1] for row in PUBLISHED_SIZES])
+def test_parameter_counts_match_published(module_name, checkpoint, raw, total, active, source):
+    module = importlib.import_module(module_name)
+    config = module.Config() if raw is None else module.Config.from_hf(raw)
+    info = module.describe(config)
+    assert abs(info["total_parameters"] - total) <= 0.01 * total, f"{checkpoint}: {info['total_parameters']:,} total against {total:,.0f} ({source})"
+    assert abs(info["active_parameters"] - active) <= 0.01 * active, f"{checkpoint}: {info['active_parameters']:,} active against {active:,.0f} ({source})"
+
+
+def test_readme_architecture_table_is_current():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import compare_architectures
+
+    readme = (ROOT / "README.md").read_text()
+    expected = compare_architectures.readme_with_table(readme, compare_architectures.table())
+    assert readme == expected, "README.md's architecture table is stale: run python scripts/compare_architectures.py --write"
 
 
 # --------------------------------------------------------------------------------------------------

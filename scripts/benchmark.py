@@ -1,4 +1,4 @@
-"""Compare a model file with `transformers` on the same checkpoint: load time, memory and speed.
+"""Compare a model file with `transformers` and llama.cpp on the same weights: load time, memory, speed.
 
 Each measurement runs in a fresh subprocess, so peak RSS and start-up time belong to one engine
 only; the engines alternate, and the table reports the median of the repeats (with min-max).
@@ -6,13 +6,17 @@ only; the engines alternate, and the table reports the median of the repeats (wi
     python scripts/benchmark.py                                  # gemma3.py on the converted Gemma 3 270M
     python scripts/benchmark.py --file smollm3 --model smollm2 --dtype bfloat16 --repeats 5
 
---model takes a folder or a name that scripts/convert_gguf.py knows (gemma3, smollm2).
+--model is a name that scripts/convert_gguf.py knows (gemma3, smollm2), or a folder (then
+llama.cpp is left out). llama.cpp runs through llama-cpp-python, a benchmark-only dependency
+(`pip install llama-cpp-python`, built from source in a few minutes); its GGUF file at the same
+precision is written once from the shipped quantised one with llama.cpp's own quantize API.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import math
 import resource
@@ -98,6 +102,53 @@ def run_transformers(folder: Path, dtype_name: str, prompt_len: int, new_tokens:
     }
 
 
+def precision_gguf(name: str, dtype_name: str) -> Path:
+    """The shipped GGUF of checkpoint `name` rewritten by llama.cpp at float32 or bfloat16 (cached)."""
+    import convert_gguf
+    import llama_cpp
+
+    target = convert_gguf.CACHE_ROOT / "gguf" / f"{name}-{dtype_name}.gguf"
+    if not target.exists():
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = llama_cpp.LLAMA_FTYPE_ALL_F32 if dtype_name == "float32" else llama_cpp.LLAMA_FTYPE_MOSTLY_BF16
+        params.allow_requantize = True
+        partial = target.with_suffix(".partial")
+        status = llama_cpp.llama_model_quantize(str(convert_gguf.CHECKPOINTS[name]()).encode(), str(partial).encode(), params)
+        if status != 0:
+            raise SystemExit(f"error: llama.cpp could not write {target} (status {status})")
+        partial.rename(target)
+    return target
+
+
+def run_llama_cpp(gguf: Path, prompt_len: int, new_tokens: int) -> dict:
+    import os
+
+    from llama_cpp import Llama
+
+    start = time.perf_counter()
+    llm = Llama(str(gguf), n_ctx=prompt_len + new_tokens + 8, n_threads=os.cpu_count(), n_batch=512, verbose=False)
+    load_seconds = time.perf_counter() - start
+
+    prompt = prompt_ids(lambda text: llm.tokenize(text.encode()), prompt_len)
+    start = time.perf_counter()
+    tokens = llm.generate(prompt, top_k=1, temp=0.0, reset=True)
+    next(tokens)
+    first_token = time.perf_counter()
+    count = 1
+    for _ in tokens:
+        count += 1
+        if count == new_tokens:
+            break
+    end = time.perf_counter()
+    return {
+        "load_s": load_seconds,
+        "prefill_tok_s": len(prompt) / (first_token - start),
+        "decode_tok_s": (count - 1) / (end - first_token),
+        "first_token_s": first_token - STARTED,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
 def measure(engine: str, args: argparse.Namespace, folder: Path) -> dict:
     command = [sys.executable, __file__, "--worker", engine, "--file", args.file, "--model", str(folder)]
     command += ["--dtype", args.dtype, "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens)]
@@ -110,6 +161,7 @@ def summary(values: list[float]) -> str:
 
 
 def print_table(results: dict[str, list[dict]], weights_mb: float) -> None:
+    engines = list(results)
     rows = [
         ("load time (s)", "load_s"),
         ("start to first token (s)", "first_token_s"),
@@ -117,13 +169,13 @@ def print_table(results: dict[str, list[dict]], weights_mb: float) -> None:
         ("decode (tokens/s)", "decode_tok_s"),
         ("peak RSS (MB)", "peak_rss_mb"),
     ]
-    print("| metric | ours | transformers | ours / transformers |")
-    print("|---|---|---|---|")
+    others = engines[1:]
+    print("| metric | " + " | ".join(engines) + " | " + " | ".join(f"ours / {e}" for e in others) + " |")
+    print("|---" * (len(engines) + len(others) + 1) + "|")
     for label, key in rows:
-        ours = [r[key] for r in results["ours"]]
-        theirs = [r[key] for r in results["transformers"]]
-        ratio = statistics.median(ours) / statistics.median(theirs)
-        print(f"| {label} | {summary(ours)} | {summary(theirs)} | {ratio:.2f} |")
+        values = {e: [r[key] for r in results[e]] for e in engines}
+        ratios = [statistics.median(values["ours"]) / statistics.median(values[e]) for e in others]
+        print(f"| {label} | " + " | ".join(summary(values[e]) for e in engines) + " | " + " | ".join(f"{r:.2f}" for r in ratios) + " |")
     ours_rss = statistics.median(r["peak_rss_mb"] for r in results["ours"])
     print(f"\nweights in the target dtype: {weights_mb:.0f} MB; our peak RSS / weights = {ours_rss / weights_mb:.2f}")
 
@@ -148,7 +200,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--worker", choices=["ours", "transformers"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["ours", "transformers", "llama.cpp"], help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     folder = Path(args.model)
@@ -158,15 +210,22 @@ def main() -> None:
     if args.worker == "transformers":
         print(json.dumps(run_transformers(folder, args.dtype, args.prompt_len, args.new_tokens)))
         return
+    if args.worker == "llama.cpp":
+        print(json.dumps(run_llama_cpp(folder, args.prompt_len, args.new_tokens)))
+        return
 
+    results = {"ours": [], "transformers": []}
+    gguf = None
     if not folder.is_dir():
         import convert_gguf
 
         folder = convert_gguf.convert(args.model)
-    results = {"ours": [], "transformers": []}
+        if importlib.util.find_spec("llama_cpp") is not None:
+            gguf = precision_gguf(args.model, args.dtype)
+            results["llama.cpp"] = []
     for _ in range(args.repeats):
         for engine in results:
-            results[engine].append(measure(engine, args, folder))
+            results[engine].append(measure(engine, args, gguf if engine == "llama.cpp" else folder))
     print(f"{args.file}.py vs transformers on {folder}, {args.dtype}, prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy, median (min-max) of {args.repeats}\n")
     print_table(results, weight_megabytes(folder, args.dtype))
 
