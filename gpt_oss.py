@@ -47,11 +47,26 @@ class UserError(Exception):
 # Config
 
 
+# GptOssConfig's defaults in transformers 5.25, for keys a config.json may omit. They equal
+# gpt-oss-120b's values; the special tokens have no default there and keep this file's.
+TRANSFORMERS_DEFAULTS = {
+    "vocab_size": 201088, "hidden_size": 2880, "intermediate_size": 2880, "num_hidden_layers": 36,
+    "max_position_embeddings": 131072, "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 64,
+    "sliding_window": 128, "rope_theta": 150_000.0, "num_local_experts": 128, "num_experts_per_tok": 4,
+    "swiglu_alpha": 1.702, "swiglu_limit": 7.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+}
+TRANSFORMERS_DEFAULT_ROPE = {
+    "rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+    "original_max_position_embeddings": 4096,
+}
+
+
 @dataclass
 class Config:
     """Hyperparameters of the model; field names follow the checkpoint's config.json.
 
-    The defaults describe openai/gpt-oss-120b; gpt-oss-20b has 24 layers and 32 experts.
+    The defaults describe the family's flagship, openai/gpt-oss-120b (its config.json); gpt-oss-20b
+    has 24 layers and 32 experts.
     """
 
     # sizes
@@ -102,7 +117,8 @@ class Config:
 
         # RoPE settings come as `rope_parameters` (transformers >= 5, rope_theta inside)
         # or as `rope_scaling` plus a top-level `rope_theta` (hub files).
-        rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+        # Neither key means transformers' default, the YaRN settings of the published checkpoints.
+        rope = text.get("rope_parameters") or text.get("rope_scaling") or TRANSFORMERS_DEFAULT_ROPE
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "yarn"):
             raise UserError(f"unsupported RoPE type {rope_type!r}; gpt_oss.py supports 'yarn' and 'default'")
@@ -131,6 +147,8 @@ class Config:
         fallback = "bfloat16" if text["quant_method"] else "float32"
         text["dtype"] = text.get("dtype") or text.get("torch_dtype") or fallback
 
+        # A key that config.json leaves out means transformers' default, not this file's flagship value.
+        text = {**TRANSFORMERS_DEFAULTS, **{k: v for k, v in text.items() if v is not None or k in ("quant_method", "rope_attention_factor")}}
         known = {f.name for f in fields(cls)}
         # None stays only where it has a meaning (no quantisation, the default attention factor).
         kept = {k: v for k, v in text.items() if k in known and (v is not None or k in ("quant_method", "rope_attention_factor"))}
@@ -715,6 +733,13 @@ class StreamDecoder:
         self.printed = len(text)
         return piece
 
+    def flush(self) -> str:
+        """Return what push() held back, such as a replacement character the model really produced."""
+        text = self.tokenizer.decode(self.ids)
+        piece = text[self.printed :]
+        self.printed = len(text)
+        return piece
+
 
 class ChannelFilter:
     """Turn a harmony reply into the text of its `final` channel (and of every channel with show_reasoning).
@@ -767,6 +792,10 @@ class ChannelFilter:
         words = self.tokenizer.decode(self.header[last + 1 :]).split()
         return words[0] if words else ""
 
+    def flush(self) -> str:
+        """Return what the open message's decoder held back, if that message is shown."""
+        return self.body.flush() if self.body is not None and self.shown else ""
+
 
 # --------------------------------------------------------------------------------------------------
 # KV cache and generation
@@ -781,6 +810,14 @@ class LayerCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
+    def grow(self, max_len: int) -> None:
+        """Reallocate for max_len positions, keeping what is cached."""
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros(*old.shape[:2], max_len, old.shape[3])
+            new[:, :, : old.shape[2]] = old
+            setattr(self, name, new)
+
     def update(self, k: torch.Tensor, v: torch.Tensor, start_pos: int, first_key: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new keys and values at start_pos, return those from first_key to the end."""
         end_pos = start_pos + k.shape[2]
@@ -790,11 +827,21 @@ class LayerCache:
 
 
 class KVCache:
+    """One LayerCache per layer, for positions 0 .. max_len - 1."""
+
     # NOTE: sliding-window layers read only their last `sliding_window` keys but get a full-length
     # buffer like the others, which keeps positions simple at the cost of memory on long contexts.
     def __init__(self, config: Config, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
         shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
         self.layers = [LayerCache(shape, dtype, device) for _ in range(config.num_hidden_layers)]
+        self.max_len = max_len
+
+    def ensure(self, length: int) -> None:
+        """Make room for `length` positions, doubling the buffers so that a long chat grows them rarely."""
+        if length > self.max_len:
+            self.max_len = max(length, 2 * self.max_len)
+            for layer in self.layers:
+                layer.grow(self.max_len)
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None) -> int:
@@ -824,22 +871,117 @@ def generate(
     top_p: float = 1.0,
     stop_tokens: set[int] = frozenset(),
     seed: int | None = None,
+    cache: KVCache | None = None,
+    start_pos: int = 0,
 ) -> Iterator[int]:
-    """Yield new token ids: prefill passes over the prompt (PREFILL_CHUNK tokens each), then one decode pass per token."""
+    """Yield new token ids: prefill passes over the prompt (PREFILL_CHUNK tokens each), then one decode pass per token.
+
+    With a `cache` that already holds positions 0 .. start_pos - 1 (an earlier turn of a chat),
+    `prompt` continues from start_pos and only it is prefilled. The last token yielded is not
+    written to the cache.
+    """
     device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
-    cache = KVCache(model.config, 1, len(prompt) + max_new_tokens, dtype, device)
-    for start in range(0, len(prompt), PREFILL_CHUNK):
-        chunk = prompt[start : start + PREFILL_CHUNK]
-        logits = model(torch.tensor([chunk], device=device), cache, start_pos=start, last_only=True)
-    for pos in range(len(prompt), len(prompt) + max_new_tokens):
+    end_pos = start_pos + len(prompt) + max_new_tokens
+    if cache is None:
+        cache = KVCache(model.config, 1, end_pos, dtype, device)
+    cache.ensure(end_pos)
+    for offset in range(0, len(prompt), PREFILL_CHUNK):
+        chunk = prompt[offset : offset + PREFILL_CHUNK]
+        logits = model(torch.tensor([chunk], device=device), cache, start_pos=start_pos + offset, last_only=True)
+    for pos in range(start_pos + len(prompt), end_pos):
         token = sample(logits[0, -1], temperature, top_k, top_p, generator)
         yield token
-        if token in stop_tokens or pos + 1 == len(prompt) + max_new_tokens:
+        if token in stop_tokens or pos + 1 == end_pos:
             return
         logits = model(torch.tensor([[token]], device=device), cache, start_pos=pos)
+
+
+# --------------------------------------------------------------------------------------------------
+# Architecture summary (--info): sizes computed from the config alone, on the meta device
+
+BFLOAT16_BYTES = 2
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+LONG_CONTEXT = 128 * 1024
+
+
+MXFP4_BITS = 4.25  # per expert weight: a 4-bit value plus an 8-bit scale shared by 32 values
+
+
+def describe(config: Config) -> dict:
+    """Return parameter counts, layer kinds, attention layout and memory figures for `config`.
+
+    Nothing is loaded: the model is built on the meta device, where parameters have shapes but no
+    storage. The counts follow OpenAI's model card: the total includes the embedding and the
+    unembedding, the active count excludes the embedding (116.83B and 5.13B for gpt-oss-120b). The KV
+    cache figures are what the architecture needs in bfloat16: a sliding-window layer never needs
+    more than `sliding_window` positions, although KVCache gives it a full-length buffer.
+    """
+    with torch.device("meta"):
+        model = Model(config)
+    total = sum(p.numel() for p in model.parameters())
+    named = dict(model.named_parameters())
+    routed = sum(p.numel() for name, p in named.items() if ".experts." in name)
+    # Each token runs num_experts_per_tok of the experts of each layer; an embedding row is a lookup.
+    active = total - routed + routed * config.num_experts_per_tok // config.num_local_experts - model.embed_tokens.weight.numel()
+    kv_per_position = 2 * config.num_key_value_heads * config.head_dim * BFLOAT16_BYTES  # keys and values
+    full = config.layer_types.count("full_attention")
+    sliding = config.layer_types.count("sliding_attention")
+    dtype_bytes = DTYPE_BYTES.get(config.dtype, BFLOAT16_BYTES)
+    if config.quant_method == "mxfp4":
+        # Only the expert matrices are MXFP4; their biases and everything else keep the checkpoint dtype.
+        quantised = sum(p.numel() for name, p in named.items() if name.endswith(("experts.gate_up_proj", "experts.down_proj")))
+        weight_bytes = round(quantised * MXFP4_BITS / 8) + (total - quantised) * dtype_bytes
+        weight_format = f"MXFP4 experts, {config.dtype} elsewhere"
+    else:
+        weight_bytes = total * dtype_bytes
+        weight_format = config.dtype
+    return {
+        "family": "gpt-oss",
+        "total_parameters": total,
+        "active_parameters": active,
+        "layers": f"{config.num_hidden_layers}: {sliding} sliding-window ({config.sliding_window}), {full} full; MoE ({config.num_experts_per_tok} of {config.num_local_experts} experts)",
+        "attention": f"GQA with sinks, {config.num_attention_heads} query / {config.num_key_value_heads} KV heads of {config.head_dim}",
+        "kv_bytes_per_token": full * kv_per_position,
+        "kv_bytes_long_context": (full * LONG_CONTEXT + sliding * min(config.sliding_window, LONG_CONTEXT)) * kv_per_position,
+        "weight_bytes": weight_bytes,
+        "weight_format": weight_format,
+    }
+
+
+def format_description(description: dict) -> str:
+    def gigabytes(n: int) -> str:
+        return f"{n / 1e9:.2f} GB"
+
+    lines = [
+        f"{description['family']}",
+        f"parameters:          {description['total_parameters'] / 1e9:.2f} B total, {description['active_parameters'] / 1e9:.2f} B active per token",
+        f"layers:              {description['layers']}",
+        f"attention:           {description['attention']}",
+        f"KV cache (bfloat16): {description['kv_bytes_per_token']:,} bytes per token past the windows; {gigabytes(description['kv_bytes_long_context'])} at {LONG_CONTEXT:,} tokens",
+        f"weights as published: {gigabytes(description['weight_bytes'])} ({description['weight_format']})",
+    ]
+    return "\n".join(lines)
+
+
+def read_config_only(model: str | None) -> Config:
+    """The Config of a folder or hub repo, fetching config.json alone; the flagship's defaults without `model`."""
+    if model is None:
+        return Config()
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return read_config(path)[0]
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        raw = json.loads(Path(hf_hub_download(model, "config.json")).read_text())
+    except (LocalEntryNotFoundError, HfHubHTTPError) as error:
+        raise UserError(f"cannot read config.json of {model}: {str(error).splitlines()[0]}") from None
+    check_architecture(raw, model)
+    return Config.from_hf(raw)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -899,9 +1041,9 @@ def sampling_settings(args: argparse.Namespace, generation: dict) -> tuple[float
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Generate text with a gpt-oss checkpoint.")
-    parser.add_argument("--prompt", required=True, help="the prompt (with --chat: the user message)")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"hub repo id or local folder (default: {DEFAULT_MODEL})")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default: 128)")
+    parser.add_argument("--prompt", help="the prompt (with --chat: the user message); required unless --interactive")
+    parser.add_argument("--model", default=None, help=f"hub repo id or local folder (default: {DEFAULT_MODEL})")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most, per reply with --interactive (default: 128)")
     parser.add_argument("--temperature", type=float, default=None, help="0 is greedy; default: the checkpoint's generation_config.json, else 0")
     parser.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens, 0 for all; default: generation_config.json, else 0")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]; default: generation_config.json, else 1")
@@ -909,22 +1051,55 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="default: the checkpoint's dtype (float32 for float16 on CPU)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
+    parser.add_argument("--interactive", action="store_true", help=f"multi-turn chat in the terminal; {CLEAR_COMMAND} starts over, Ctrl-D or Ctrl-C quits")
     parser.add_argument(
         "--show-reasoning",
         action="store_true",
-        help="with --chat: print every channel of the reply, the analysis channel (chain of thought) included; default: the final answer only",
+        help="with --chat or --interactive: print every channel of the reply, the analysis channel (chain of thought) included; default: the final answer only",
     )
+    parser.add_argument("--info", action="store_true", help="print sizes computed from the config without loading weights (default: the flagship checkpoint)")
     return parser.parse_args(argv)
 
 
-def run(args: argparse.Namespace) -> None:
-    if not args.prompt.strip():
-        raise UserError("--prompt is empty; give some text to continue")
+CLEAR_COMMAND = "/clear"
+
+
+@dataclass
+class Session:
+    """A loaded checkpoint and the settings every generation call of the CLI shares."""
+
+    model: Model
+    tokenizer: Tokenizer
+    config: Config
+    max_new_tokens: int
+    sampling: tuple[float, int, float]  # temperature, top-k, top-p
+    stop_tokens: set[int]
+    seed: int | None
+
+    load_seconds: float
+    show_reasoning: bool = False  # print every harmony channel of a chat reply, not only `final`
+
+    def check_fits(self, prompt_length: int) -> None:
+        context = self.config.max_position_embeddings
+        if prompt_length + self.max_new_tokens > context:
+            raise UserError(
+                f"prompt ({prompt_length} tokens) plus --max-new-tokens {self.max_new_tokens} exceeds the context of "
+                f"{context} tokens; shorten the prompt or lower --max-new-tokens"
+            )
+
+    def generate(self, prompt: list[int], cache: KVCache | None = None, start_pos: int = 0) -> Iterator[int]:
+        self.check_fits(start_pos + len(prompt))
+        return generate(self.model, prompt, self.max_new_tokens, *self.sampling, self.stop_tokens, self.seed, cache, start_pos)
+
+
+def load_session(args: argparse.Namespace) -> Session:
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
     folder = resolve_checkpoint(args.model)
     config, generation = read_config(folder)
-    temperature, top_k, top_p = sampling_settings(args, generation)
+    sampling = sampling_settings(args, generation)
+    if args.max_new_tokens >= config.max_position_embeddings:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the context of {config.max_position_embeddings} tokens")
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, config, device)
 
@@ -933,35 +1108,145 @@ def run(args: argparse.Namespace) -> None:
         tokenizer_job = pool.submit(Tokenizer, folder)
         model = load_model(folder, config, device, dtype)
         tokenizer = tokenizer_job.result()
-    prompt = tokenizer.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat else tokenizer.encode(args.prompt)
-    if len(prompt) + args.max_new_tokens > config.max_position_embeddings:
-        raise UserError(
-            f"prompt ({len(prompt)} tokens) plus --max-new-tokens {args.max_new_tokens} exceeds the context of "
-            f"{config.max_position_embeddings} tokens; shorten the prompt or lower --max-new-tokens"
-        )
-    log(f"loaded {folder} in {time.perf_counter() - started:.1f}s ({dtype}, {device})")
+    chat = args.chat or args.interactive
+    stops = stop_tokens(config, generation, tokenizer, chat)
+    return Session(model, tokenizer, config, args.max_new_tokens, sampling, stops, args.seed, time.perf_counter() - started, args.show_reasoning)
 
-    # A chat reply is harmony-formatted; a plain continuation is printed as it comes.
-    stream = ChannelFilter(tokenizer, args.show_reasoning) if args.chat else StreamDecoder(tokenizer)
-    tokens = generate(model, prompt, args.max_new_tokens, temperature, top_k, top_p, stop_tokens(config, generation, tokenizer, args.chat), args.seed)
+
+def log_loaded(session: Session, folder: str) -> None:
+    weight = session.model.embed_tokens.weight
+    log(f"loaded {folder} in {session.load_seconds:.1f}s ({weight.dtype}, {weight.device})")
+
+
+def stream_reply(session: Session, tokens: Iterator[int], harmony: bool) -> tuple[list[int], float, float]:
+    """Print the tokens as text while they arrive; return them with the prefill and decode seconds.
+
+    A `harmony` reply (a chat reply) shows its final channel only, unless session.show_reasoning.
+    """
+    stream = ChannelFilter(session.tokenizer, session.show_reasoning) if harmony else StreamDecoder(session.tokenizer)
+    reply: list[int] = []
     started = time.perf_counter()
-    count = 0
+    prefill_seconds = 0.0
     announced = False
     for token in tokens:
-        if count == 0:
+        if not reply:
             prefill_seconds = time.perf_counter() - started
             started = time.perf_counter()
-        count += 1
+        reply.append(token)
         print(stream.push(token), end="", flush=True)
-        if args.chat and stream.hidden_tokens and not announced:
+        if harmony and stream.hidden_tokens and not announced:
             log("(the reply starts with a hidden channel, usually its reasoning; --show-reasoning prints it)")
             announced = True
-    decode_seconds = time.perf_counter() - started
-    print()
-    decode_rate = f"{(count - 1) / decode_seconds:.1f} tokens/s" if count > 1 else "n/a"
-    log(f"prompt: {len(prompt)} tokens, {len(prompt) / prefill_seconds:.1f} tokens/s; generation: {count} tokens, {decode_rate}")
-    if args.chat and stream.hidden_tokens:
+    print(stream.flush())
+    if harmony and stream.hidden_tokens:
         log(f"hid {stream.hidden_tokens} tokens of channels other than final; --show-reasoning prints them")
+    return reply, prefill_seconds, time.perf_counter() - started
+
+
+def complete(session: Session, args: argparse.Namespace) -> None:
+    tokenizer = session.tokenizer
+    prompt = tokenizer.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat else tokenizer.encode(args.prompt)
+    session.check_fits(len(prompt))
+    log_loaded(session, args.model)
+    # A chat reply is harmony-formatted; a plain continuation is printed as it comes.
+    reply, prefill_seconds, decode_seconds = stream_reply(session, session.generate(prompt), harmony=args.chat)
+    decode_rate = f"{(len(reply) - 1) / decode_seconds:.1f} tokens/s" if len(reply) > 1 else "n/a"
+    log(f"prompt: {len(prompt)} tokens, {len(prompt) / prefill_seconds:.1f} tokens/s; generation: {len(reply)} tokens, {decode_rate}")
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    length = 0
+    while length < min(len(a), len(b)) and a[length] == b[length]:
+        length += 1
+    return length
+
+
+class Chat:
+    """A conversation whose KV cache survives between turns, so each turn prefills only its new tokens.
+
+    Each turn renders the whole conversation with the chat template, then reuses the cached
+    positions that the new rendering shares with the ids already in the cache. The template may
+    render an earlier reply differently from the ids the model produced (for example with thinking
+    removed); the cache is then reused up to the first difference.
+    """
+
+    def __init__(self, session: Session):
+        self.session = session
+        self.clear()
+
+    def clear(self) -> None:
+        self.messages: list[dict] = []
+        self.cache: KVCache | None = None
+        self.cached: list[int] = []  # ids whose keys and values the cache holds, from position 0
+
+    def reply(self, text: str) -> Iterator[int]:
+        """Add a user message and yield the reply's token ids as they are generated."""
+        self.messages.append({"role": "user", "content": text})
+        ids = self.session.tokenizer.encode_chat(self.messages)
+        reused = common_prefix(self.cached, ids)
+        if reused == len(ids):  # at least one token must be prefilled to get logits
+            reused -= 1
+        if self.cache is None:
+            model = self.session.model
+            self.cache = KVCache(model.config, 1, len(ids) + self.session.max_new_tokens, model.embed_tokens.weight.dtype, model.embed_tokens.weight.device)
+        reply: list[int] = []
+        for token in self.session.generate(ids[reused:], self.cache, start_pos=reused):
+            reply.append(token)
+            yield token
+        # The last reply token was yielded but never fed back, so the cache ends just before it.
+        self.cached = ids + reply[:-1]
+        self.messages.append({"role": "assistant", "content": self.answer_text(reply)})
+
+    def answer_text(self, reply: list[int]) -> str:
+        """Return the reply's final-channel text, which the template renders as the assistant's message.
+
+        A reply without harmony's <|message|> token (another chat template) is decoded whole.
+        """
+        tokenizer = self.session.tokenizer
+        if tokenizer.token_id("<|message|>") not in reply:
+            return tokenizer.decode([t for t in reply if t not in self.session.stop_tokens])
+        final = ChannelFilter(tokenizer, show_reasoning=False)
+        return "".join(final.push(t) for t in reply) + final.flush()
+
+
+def interactive(session: Session) -> None:
+    chat = Chat(session)
+    log(f"interactive chat: {CLEAR_COMMAND} starts over, Ctrl-D or Ctrl-C quits")
+    while True:
+        try:
+            text = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if text.strip() == CLEAR_COMMAND:
+            chat.clear()
+            log("conversation cleared")
+            continue
+        if not text.strip():
+            continue
+        try:
+            stream_reply(session, chat.reply(text), harmony=True)
+        except KeyboardInterrupt:  # stop this reply, keep the session
+            print()
+            chat.clear()
+            log("reply interrupted; conversation cleared")
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.info:
+        print(format_description(describe(read_config_only(args.model))))
+        return
+    args.model = args.model or DEFAULT_MODEL
+    if args.prompt is None and not args.interactive:
+        raise UserError("--prompt is required (or use --interactive)")
+    if args.prompt is not None and not args.prompt.strip():
+        raise UserError("--prompt is empty; give some text to continue")
+    session = load_session(args)
+    if args.interactive:
+        log_loaded(session, args.model)
+        interactive(session)
+    else:
+        complete(session, args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3758,7 +3758,7 @@ def test_grok2_5_cli_rejects_prompt_longer_than_context(capsys, tmp_path):
     config = GROK_TINY_CONFIG | {"vocab_size": 512}
     with_tokenizer = write_grok_checkpoint(tmp_path, config, grok_tensors(config))
     write_grok_tokenizer(with_tokenizer)
-    err = cli_error(module, capsys, "--model", str(with_tokenizer), "--device", "cpu", "--prompt", "word " * 10, "--max-new-tokens", "600")
+    err = cli_error(module, capsys, "--model", str(with_tokenizer), "--device", "cpu", "--prompt", "word " * 10, "--max-new-tokens", "508")
     assert "exceeds the context of 512 tokens" in err
 
 
