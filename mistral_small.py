@@ -24,7 +24,7 @@ import json
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Iterator
@@ -46,11 +46,38 @@ class UserError(Exception):
 # Config
 
 
+# MistralConfig's defaults in transformers 5.25, for keys a text config may omit. A head_dim or
+# num_key_value_heads of None is derived from the other sizes.
+TRANSFORMERS_DEFAULTS = {
+    "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+    "max_position_embeddings": 131072, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": None,
+    "hidden_act": "silu", "sliding_window": 4096, "rope_theta": 10_000.0, "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+}
+# The sizes describe() needs of the vision tower: PixtralVisionConfig's defaults for vision_config,
+# Mistral3Config's for the projector keys (spatial_merge_size, multimodal_projector_bias, vision_feature_layer).
+PIXTRAL_DEFAULTS = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_channels": 3, "patch_size": 16}
+PROJECTOR_DEFAULTS = {"spatial_merge_size": 2, "multimodal_projector_bias": False, "vision_feature_layer": -1}
+# Mistral-Small-3.1-24B-Instruct-2503's vision_config and projector keys (NOTE: recalled, not read from the hub file).
+SMALL_3_1_VISION_TOWER = {
+    "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_channels": 3, "patch_size": 14,
+    "spatial_merge_size": 2, "multimodal_projector_bias": False, "vision_feature_layer": -1,
+}
+
+
+def vision_tower_settings(raw: dict) -> dict:
+    """Return the vision tower sizes of a Mistral3ForConditionalGeneration config.json, defaults filled in."""
+    vision = raw.get("vision_config") or {}
+    settings = {key: vision.get(key, default) for key, default in PIXTRAL_DEFAULTS.items()}
+    settings.update({key: raw.get(key, default) for key, default in PROJECTOR_DEFAULTS.items()})
+    return settings
+
+
 @dataclass
 class Config:
     """Hyperparameters of the text model; field names follow the checkpoint's config.json.
 
-    The defaults describe mistralai/Mistral-Small-3.1-24B-Instruct-2503.
+    The defaults describe the family's flagship, mistralai/Mistral-Small-3.1-24B-Instruct-2503.
     """
 
     # sizes
@@ -72,6 +99,9 @@ class Config:
     # special tokens
     bos_token_id: int = 1
     eos_token_id: int | list[int] = 2
+    # the vision encoder and projector of a multimodal checkpoint, which this file skips when loading;
+    # only describe() reads these sizes. None: a text-only checkpoint.
+    vision_tower: dict | None = field(default_factory=lambda: dict(SMALL_3_1_VISION_TOWER))
     dtype: str = "bfloat16"  # the dtype the checkpoint was saved in
 
     @classmethod
@@ -94,24 +124,29 @@ class Config:
             raise UserError(f"unsupported RoPE type {rope_type!r}; mistral_small.py supports 'default' (no scaling)")
 
         # A key that config.json leaves out takes transformers' MistralConfig default, which
-        # describes Mistral 7B v0.1, not this dataclass's Small 3.1 default.
-        text["rope_theta"] = rope.get("rope_theta", text.get("rope_theta", 10_000.0))
-        if "sliding_window" not in text:
-            text["sliding_window"] = 4096
-        if text.get("head_dim") is None and "hidden_size" in text and "num_attention_heads" in text:
+        # describes Mistral 7B v0.1, not this dataclass's Small 3.1 default. A null sliding_window
+        # means full attention, a null head_dim or num_key_value_heads a derived size, and other
+        # nulls the default.
+        nullable = ("sliding_window", "head_dim", "num_key_value_heads")
+        text = {**TRANSFORMERS_DEFAULTS, **{k: v for k, v in text.items() if v is not None or k in nullable}}
+        text["rope_theta"] = rope.get("rope_theta", text["rope_theta"])
+        if text["head_dim"] is None:
             text["head_dim"] = text["hidden_size"] // text["num_attention_heads"]
-        if "num_key_value_heads" in text and text["num_key_value_heads"] is None:
-            text["num_key_value_heads"] = text.get("num_attention_heads", cls.num_attention_heads)  # plain multi-head attention
+        if text["num_key_value_heads"] is None:
+            text["num_key_value_heads"] = text["num_attention_heads"]  # plain multi-head attention
 
         if "text_config" in raw:
             # Mistral3ForConditionalGeneration ties by the wrapper's flag, whose default is True. The hub
             # files leave it out yet ship their own LM head; load_model unties when the head is present.
             text["tie_word_embeddings"] = raw.get("tie_word_embeddings", True)
+            text["vision_tower"] = vision_tower_settings(raw)
+        else:
+            text["vision_tower"] = None
 
         text["dtype"] = text.get("dtype") or text.get("torch_dtype") or raw.get("dtype") or raw.get("torch_dtype") or "float32"
         known = {f.name for f in fields(cls)}
-        # None stays only where it has a meaning (no sliding window); elsewhere it means "use the default".
-        kept = {k: v for k, v in text.items() if k in known and (v is not None or k == "sliding_window")}
+        # None stays only where it has a meaning (no sliding window, no vision tower); elsewhere it means "use the default".
+        kept = {k: v for k, v in text.items() if k in known and (v is not None or k in ("sliding_window", "vision_tower"))}
         return cls(**kept)
 
 
@@ -612,6 +647,13 @@ class StreamDecoder:
         self.printed = len(text)
         return piece
 
+    def flush(self) -> str:
+        """Return what push() held back, such as a replacement character the model really produced."""
+        text = self.tokenizer.decode(self.ids)
+        piece = text[self.printed :]
+        self.printed = len(text)
+        return piece
+
 
 # --------------------------------------------------------------------------------------------------
 # KV cache and generation
@@ -624,6 +666,14 @@ class LayerCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
+    def grow(self, max_len: int) -> None:
+        """Reallocate for max_len positions, keeping what is cached."""
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros(*old.shape[:2], max_len, old.shape[3])
+            new[:, :, : old.shape[2]] = old
+            setattr(self, name, new)
+
     def update(self, k: torch.Tensor, v: torch.Tensor, start_pos: int, first_key: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new keys and values at start_pos, return those from first_key to the end."""
         end_pos = start_pos + k.shape[2]
@@ -633,9 +683,19 @@ class LayerCache:
 
 
 class KVCache:
+    """One LayerCache per layer, for positions 0 .. max_len - 1."""
+
     def __init__(self, config: Config, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
         shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
         self.layers = [LayerCache(shape, dtype, device) for _ in range(config.num_hidden_layers)]
+        self.max_len = max_len
+
+    def ensure(self, length: int) -> None:
+        """Make room for `length` positions, doubling the buffers so that a long chat grows them rarely."""
+        if length > self.max_len:
+            self.max_len = max(length, 2 * self.max_len)
+            for layer in self.layers:
+                layer.grow(self.max_len)
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None) -> int:
@@ -665,20 +725,120 @@ def generate(
     top_p: float = 1.0,
     stop_tokens: set[int] = frozenset(),
     seed: int | None = None,
+    cache: KVCache | None = None,
+    start_pos: int = 0,
 ) -> Iterator[int]:
-    """Yield new token ids: one prefill pass over the prompt, then one decode pass per token."""
+    """Yield new token ids: one prefill pass over the prompt, then one decode pass per token.
+
+    With a `cache` that already holds positions 0 .. start_pos - 1 (an earlier turn of a chat),
+    `prompt` continues from start_pos and only it is prefilled. The last token yielded is not
+    written to the cache.
+    """
     device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
-    cache = KVCache(model.config, 1, len(prompt) + max_new_tokens, dtype, device)
-    logits = model(torch.tensor([prompt], device=device), cache, start_pos=0, last_only=True)
-    for pos in range(len(prompt), len(prompt) + max_new_tokens):
+    end_pos = start_pos + len(prompt) + max_new_tokens
+    if cache is None:
+        cache = KVCache(model.config, 1, end_pos, dtype, device)
+    cache.ensure(end_pos)
+    logits = model(torch.tensor([prompt], device=device), cache, start_pos=start_pos, last_only=True)
+    for pos in range(start_pos + len(prompt), end_pos):
         token = sample(logits[0, -1], temperature, top_k, top_p, generator)
         yield token
-        if token in stop_tokens or pos + 1 == len(prompt) + max_new_tokens:
+        if token in stop_tokens or pos + 1 == end_pos:
             return
         logits = model(torch.tensor([[token]], device=device), cache, start_pos=pos)
+
+
+# --------------------------------------------------------------------------------------------------
+# Architecture summary (--info): sizes computed from the config alone, on the meta device
+
+BFLOAT16_BYTES = 2
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+LONG_CONTEXT = 128 * 1024
+
+
+def vision_tower_parameters(vision: dict, text_hidden_size: int) -> int:
+    """Count the parameters of Small 3.1's Pixtral vision encoder and its projector, as transformers builds them.
+
+    Encoder: a patch convolution without bias, an RMSNorm, then per layer two RMSNorms, four
+    (H, H) attention projections and a SwiGLU MLP. Projector: an RMSNorm, the patch merger's
+    (H * merge^2 -> H) linear map, then two linear maps into the text model's hidden size.
+    """
+    H, I = vision["hidden_size"], vision["intermediate_size"]
+    feature_layers = vision["vision_feature_layer"]
+    feature_layers = len(feature_layers) if isinstance(feature_layers, list) else 1
+    bias = vision["multimodal_projector_bias"]
+    encoder = vision["num_channels"] * vision["patch_size"] ** 2 * H + H + vision["num_hidden_layers"] * (2 * H + 4 * H * H + 3 * H * I)
+    projector = H + H * vision["spatial_merge_size"] ** 2 * H
+    projector += H * feature_layers * text_hidden_size + text_hidden_size**2 + (2 * text_hidden_size if bias else 0)
+    return encoder + projector
+
+
+def describe(config: Config) -> dict:
+    """Return parameter counts, layer kinds, attention layout and memory figures for `config`.
+
+    Nothing is loaded: the text model is built on the meta device, where parameters have shapes but
+    no storage. Mistral's "24B" for Small 3.1 counts the whole checkpoint, so the total adds the
+    vision encoder and projector of a multimodal config (about 0.44B), which this file does not run.
+    The active count is the text model's, since the vision tower works on image tokens only.
+    NOTE: a multimodal config.json that leaves out tie_word_embeddings ties the LM head (Mistral3Config's
+    default), so the count here omits the separate LM head that the published 3.x checkpoints ship.
+    """
+    with torch.device("meta"):
+        model = Model(config)
+    text = sum(p.numel() for p in model.parameters())  # a tied LM head is the embedding, counted once
+    vision = 0 if config.vision_tower is None else vision_tower_parameters(config.vision_tower, config.hidden_size)
+    kv_per_position = 2 * config.num_key_value_heads * config.head_dim * BFLOAT16_BYTES  # keys and values
+    layers = f"{config.num_hidden_layers}: all full attention"
+    kv_long_context = config.num_hidden_layers * LONG_CONTEXT * kv_per_position
+    if config.sliding_window is not None:
+        layers = f"{config.num_hidden_layers}: all sliding-window ({config.sliding_window})"
+        kv_long_context = config.num_hidden_layers * min(config.sliding_window, LONG_CONTEXT) * kv_per_position
+    return {
+        "family": "Mistral Small 3.1" if config.vision_tower is not None else "Mistral",
+        "total_parameters": text + vision,
+        "active_parameters": text,  # dense: every text parameter works on every token
+        "layers": layers,
+        "attention": f"GQA, {config.num_attention_heads} query / {config.num_key_value_heads} KV heads of {config.head_dim}",
+        "kv_bytes_per_token": 0 if config.sliding_window is not None else config.num_hidden_layers * kv_per_position,
+        "kv_bytes_long_context": kv_long_context,
+        "weight_bytes": (text + vision) * DTYPE_BYTES.get(config.dtype, BFLOAT16_BYTES),
+        "weight_format": config.dtype + (", vision tower included" if vision else ""),
+    }
+
+def format_description(description: dict) -> str:
+    def gigabytes(n: int) -> str:
+        return f"{n / 1e9:.2f} GB"
+
+    lines = [
+        f"{description['family']}",
+        f"parameters:          {description['total_parameters'] / 1e9:.2f} B total, {description['active_parameters'] / 1e9:.2f} B active per token",
+        f"layers:              {description['layers']}",
+        f"attention:           {description['attention']}",
+        f"KV cache (bfloat16): {description['kv_bytes_per_token']:,} bytes per token past the windows; {gigabytes(description['kv_bytes_long_context'])} at {LONG_CONTEXT:,} tokens",
+        f"weights as published: {gigabytes(description['weight_bytes'])} ({description['weight_format']})",
+    ]
+    return "\n".join(lines)
+
+
+def read_config_only(model: str | None) -> Config:
+    """The Config of a folder or hub repo, fetching config.json alone; the flagship's defaults without `model`."""
+    if model is None:
+        return Config()
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return read_config(path)[0]
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        raw = json.loads(Path(hf_hub_download(model, "config.json")).read_text())
+    except (LocalEntryNotFoundError, HfHubHTTPError) as error:
+        raise UserError(f"cannot read config.json of {model}: {str(error).splitlines()[0]}") from None
+    check_architecture(raw, model)
+    return Config.from_hf(raw)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -736,9 +896,9 @@ def sampling_settings(args: argparse.Namespace, generation: dict) -> tuple[float
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Generate text with a Mistral Small 3.x or Mistral checkpoint.")
-    parser.add_argument("--prompt", required=True, help="the prompt (with --chat: the user message)")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"hub repo id or local folder (default: {DEFAULT_MODEL})")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default: 128)")
+    parser.add_argument("--prompt", help="the prompt (with --chat: the user message); required unless --interactive")
+    parser.add_argument("--model", default=None, help=f"hub repo id or local folder (default: {DEFAULT_MODEL})")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most, per reply with --interactive (default: 128)")
     parser.add_argument("--temperature", type=float, default=None, help="0 is greedy; default: the checkpoint's generation_config.json, else 0")
     parser.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens, 0 for all; default: generation_config.json, else 0")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]; default: generation_config.json, else 1")
@@ -746,17 +906,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="default: the checkpoint's dtype (float32 for float16 on CPU)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
+    parser.add_argument("--interactive", action="store_true", help=f"multi-turn chat in the terminal; {CLEAR_COMMAND} starts over, Ctrl-D or Ctrl-C quits")
+    parser.add_argument("--info", action="store_true", help="print sizes computed from the config without loading weights (default: the flagship checkpoint)")
     return parser.parse_args(argv)
 
 
-def run(args: argparse.Namespace) -> None:
-    if not args.prompt.strip():
-        raise UserError("--prompt is empty; give some text to continue")
+CLEAR_COMMAND = "/clear"
+
+
+@dataclass
+class Session:
+    """A loaded checkpoint and the settings every generation call of the CLI shares."""
+
+    model: Model
+    tokenizer: Tokenizer
+    config: Config
+    max_new_tokens: int
+    sampling: tuple[float, int, float]  # temperature, top-k, top-p
+    stop_tokens: set[int]
+    seed: int | None
+
+    load_seconds: float
+
+    def check_fits(self, prompt_length: int) -> None:
+        context = self.config.max_position_embeddings
+        if prompt_length + self.max_new_tokens > context:
+            raise UserError(
+                f"prompt ({prompt_length} tokens) plus --max-new-tokens {self.max_new_tokens} exceeds the context of "
+                f"{context} tokens; shorten the prompt or lower --max-new-tokens"
+            )
+
+    def generate(self, prompt: list[int], cache: KVCache | None = None, start_pos: int = 0) -> Iterator[int]:
+        self.check_fits(start_pos + len(prompt))
+        return generate(self.model, prompt, self.max_new_tokens, *self.sampling, self.stop_tokens, self.seed, cache, start_pos)
+
+
+def load_session(args: argparse.Namespace) -> Session:
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
     folder = resolve_checkpoint(args.model)
     config, generation = read_config(folder)
-    temperature, top_k, top_p = sampling_settings(args, generation)
+    sampling = sampling_settings(args, generation)
+    if args.max_new_tokens >= config.max_position_embeddings:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the context of {config.max_position_embeddings} tokens")
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, config, device)
 
@@ -765,28 +957,125 @@ def run(args: argparse.Namespace) -> None:
         tokenizer_job = pool.submit(Tokenizer, folder)
         model = load_model(folder, config, device, dtype)
         tokenizer = tokenizer_job.result()
-    prompt = tokenizer.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat else tokenizer.encode(args.prompt)
-    if len(prompt) + args.max_new_tokens > config.max_position_embeddings:
-        raise UserError(
-            f"prompt ({len(prompt)} tokens) plus --max-new-tokens {args.max_new_tokens} exceeds the context of "
-            f"{config.max_position_embeddings} tokens; shorten the prompt or lower --max-new-tokens"
-        )
-    log(f"loaded {folder} in {time.perf_counter() - started:.1f}s ({dtype}, {device})")
+    chat = args.chat or args.interactive
+    stops = stop_tokens(config, generation, tokenizer, chat)
+    return Session(model, tokenizer, config, args.max_new_tokens, sampling, stops, args.seed, time.perf_counter() - started)
 
-    stream = StreamDecoder(tokenizer)
-    tokens = generate(model, prompt, args.max_new_tokens, temperature, top_k, top_p, stop_tokens(config, generation, tokenizer, args.chat), args.seed)
+
+def log_loaded(session: Session, folder: str) -> None:
+    weight = session.model.embed_tokens.weight
+    log(f"loaded {folder} in {session.load_seconds:.1f}s ({weight.dtype}, {weight.device})")
+
+
+def stream_reply(session: Session, tokens: Iterator[int]) -> tuple[list[int], float, float]:
+    """Print the tokens as text while they arrive; return them with the prefill and decode seconds."""
+    stream = StreamDecoder(session.tokenizer)
+    reply: list[int] = []
     started = time.perf_counter()
-    count = 0
+    prefill_seconds = 0.0
     for token in tokens:
-        if count == 0:
+        if not reply:
             prefill_seconds = time.perf_counter() - started
             started = time.perf_counter()
-        count += 1
+        reply.append(token)
         print(stream.push(token), end="", flush=True)
-    decode_seconds = time.perf_counter() - started
-    print()
-    decode_rate = f"{(count - 1) / decode_seconds:.1f} tokens/s" if count > 1 else "n/a"
-    log(f"prompt: {len(prompt)} tokens, {len(prompt) / prefill_seconds:.1f} tokens/s; generation: {count} tokens, {decode_rate}")
+    print(stream.flush())
+    return reply, prefill_seconds, time.perf_counter() - started
+
+
+def complete(session: Session, args: argparse.Namespace) -> None:
+    tokenizer = session.tokenizer
+    prompt = tokenizer.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat else tokenizer.encode(args.prompt)
+    session.check_fits(len(prompt))
+    log_loaded(session, args.model)
+    reply, prefill_seconds, decode_seconds = stream_reply(session, session.generate(prompt))
+    decode_rate = f"{(len(reply) - 1) / decode_seconds:.1f} tokens/s" if len(reply) > 1 else "n/a"
+    log(f"prompt: {len(prompt)} tokens, {len(prompt) / prefill_seconds:.1f} tokens/s; generation: {len(reply)} tokens, {decode_rate}")
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    length = 0
+    while length < min(len(a), len(b)) and a[length] == b[length]:
+        length += 1
+    return length
+
+
+class Chat:
+    """A conversation whose KV cache survives between turns, so each turn prefills only its new tokens.
+
+    Each turn renders the whole conversation with the chat template, then reuses the cached
+    positions that the new rendering shares with the ids already in the cache. The template may
+    render an earlier reply differently from the ids the model produced (for example with thinking
+    removed); the cache is then reused up to the first difference.
+    """
+
+    def __init__(self, session: Session):
+        self.session = session
+        self.clear()
+
+    def clear(self) -> None:
+        self.messages: list[dict] = []
+        self.cache: KVCache | None = None
+        self.cached: list[int] = []  # ids whose keys and values the cache holds, from position 0
+
+    def reply(self, text: str) -> Iterator[int]:
+        """Add a user message and yield the reply's token ids as they are generated."""
+        self.messages.append({"role": "user", "content": text})
+        ids = self.session.tokenizer.encode_chat(self.messages)
+        reused = common_prefix(self.cached, ids)
+        if reused == len(ids):  # at least one token must be prefilled to get logits
+            reused -= 1
+        if self.cache is None:
+            model = self.session.model
+            self.cache = KVCache(model.config, 1, len(ids) + self.session.max_new_tokens, model.embed_tokens.weight.dtype, model.embed_tokens.weight.device)
+        reply: list[int] = []
+        for token in self.session.generate(ids[reused:], self.cache, start_pos=reused):
+            reply.append(token)
+            yield token
+        # The last reply token was yielded but never fed back, so the cache ends just before it.
+        self.cached = ids + reply[:-1]
+        text_ids = [t for t in reply if t not in self.session.stop_tokens]
+        self.messages.append({"role": "assistant", "content": self.session.tokenizer.decode(text_ids)})
+
+
+def interactive(session: Session) -> None:
+    chat = Chat(session)
+    log(f"interactive chat: {CLEAR_COMMAND} starts over, Ctrl-D or Ctrl-C quits")
+    while True:
+        try:
+            text = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if text.strip() == CLEAR_COMMAND:
+            chat.clear()
+            log("conversation cleared")
+            continue
+        if not text.strip():
+            continue
+        try:
+            stream_reply(session, chat.reply(text))
+        except KeyboardInterrupt:  # stop this reply, keep the session
+            print()
+            chat.clear()
+            log("reply interrupted; conversation cleared")
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.info:
+        print(format_description(describe(read_config_only(args.model))))
+        return
+    args.model = args.model or DEFAULT_MODEL
+    if args.prompt is None and not args.interactive:
+        raise UserError("--prompt is required (or use --interactive)")
+    if args.prompt is not None and not args.prompt.strip():
+        raise UserError("--prompt is empty; give some text to continue")
+    session = load_session(args)
+    if args.interactive:
+        log_loaded(session, args.model)
+        interactive(session)
+    else:
+        complete(session, args)
 
 
 def main(argv: list[str] | None = None) -> int:

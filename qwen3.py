@@ -28,7 +28,7 @@ import math
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -49,28 +49,50 @@ class UserError(Exception):
 # Config
 
 
+# Defaults of transformers' Qwen3Config and Qwen3MoeConfig (5.25), for keys a config.json may omit.
+# Qwen3MoeConfig has no head_dim, so the MoE model uses hidden_size // num_attention_heads (None here).
+# Neither has a default rope_theta of its own, so both take transformers' 10000.
+QWEN3_DEFAULTS = {
+    "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
+    "max_position_embeddings": 32768, "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": 128,
+    "attention_bias": False, "use_sliding_window": False, "sliding_window": 4096, "max_window_layers": 28,
+    "rope_theta": 10_000.0, "hidden_act": "silu", "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+    "bos_token_id": None, "eos_token_id": None,
+}
+QWEN3_MOE_DEFAULTS = {
+    "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 24,
+    "max_position_embeddings": 32768, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": None,
+    "attention_bias": False, "use_sliding_window": False, "sliding_window": 4096, "rope_theta": 10_000.0,
+    "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768, "norm_topk_prob": False,
+    "decoder_sparse_step": 1, "mlp_only_layers": (), "hidden_act": "silu", "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False, "bos_token_id": None, "eos_token_id": None,
+}
+
+
 @dataclass
 class Config:
     """Hyperparameters of a dense or MoE model; field names follow the checkpoint's config.json.
 
-    The defaults describe Qwen/Qwen3-0.6B.
+    The defaults describe the family's flagship, Qwen/Qwen3-235B-A22B.
+    NOTE: they are its config.json values as recalled here, not read from the hub file. The
+    parameter-count test checks them against Qwen's published sizes.
     """
 
-    model_type: str = "qwen3"
+    model_type: str = "qwen3_moe"
     # sizes
     vocab_size: int = 151936
-    hidden_size: int = 1024
-    intermediate_size: int = 3072  # the dense MLP, also in the dense layers of MoE models
-    num_hidden_layers: int = 28
+    hidden_size: int = 4096
+    intermediate_size: int = 12288  # the dense MLP, also in the dense layers of MoE models
+    num_hidden_layers: int = 94
     max_position_embeddings: int = 40960
     # attention
-    num_attention_heads: int = 16
-    num_key_value_heads: int = 8
+    num_attention_heads: int = 64
+    num_key_value_heads: int = 4
     head_dim: int | None = 128  # None: hidden_size // num_attention_heads
     attention_bias: bool = False
     use_sliding_window: bool = False
     sliding_window: int | None = None
-    max_window_layers: int = 28  # dense models: layers from this index on slide when use_sliding_window is set
+    max_window_layers: int = 94  # dense models: layers from this index on slide when use_sliding_window is set
     layer_types: tuple[str, ...] = ()  # "sliding_attention" or "full_attention" per layer
     # RoPE
     rope_theta: float = 1_000_000.0
@@ -78,16 +100,16 @@ class Config:
     # dual chunk attention: {"chunk_size", "local_size", "original_max_position_embeddings", ...}, or None
     dual_chunk_attention_config: dict | None = None
     # mixture of experts (num_experts = 0: every layer is dense)
-    num_experts: int = 0
+    num_experts: int = 128
     num_experts_per_tok: int = 8
-    moe_intermediate_size: int = 768
-    norm_topk_prob: bool = False  # rescale the top-k router probabilities to sum to 1
+    moe_intermediate_size: int = 1536
+    norm_topk_prob: bool = True  # rescale the top-k router probabilities to sum to 1
     decoder_sparse_step: int = 1  # layer i is sparse when (i + 1) % decoder_sparse_step == 0 ...
     mlp_only_layers: tuple[int, ...] = ()  # ... and i is not listed here
     # norms and output
     hidden_act: str = "silu"
     rms_norm_eps: float = 1e-6
-    tie_word_embeddings: bool = True
+    tie_word_embeddings: bool = False
     # special tokens
     bos_token_id: int | None = 151643
     eos_token_id: int | list[int] | None = 151645
@@ -139,14 +161,19 @@ class Config:
         # transformers writes the expert count as `num_local_experts`, the hub files as `num_experts`.
         if "num_local_experts" in raw:
             raw.setdefault("num_experts", raw["num_local_experts"])
-        if raw.get("model_type") != "qwen3_moe":
-            raw["num_experts"] = 0
-        # transformers unties the LM head when config.json does not mention it.
-        raw.setdefault("tie_word_embeddings", False)
-        raw["dtype"] = raw.get("dtype") or raw.get("torch_dtype") or "float32"
-        known = {f.name for f in fields(cls)}
+
+        raw["model_type"] = raw.get("model_type") or "qwen3"
+        is_moe = raw["model_type"] == "qwen3_moe"
         # None stays only where it has a meaning; elsewhere it means "use the default".
         nullable = {"head_dim", "sliding_window", "rope_scaling", "dual_chunk_attention_config", "bos_token_id", "eos_token_id"}
+        # A key that config.json leaves out means transformers' default for its model type, not this
+        # file's flagship value.
+        defaults = QWEN3_MOE_DEFAULTS if is_moe else QWEN3_DEFAULTS
+        raw = {**defaults, **{k: v for k, v in raw.items() if v is not None or k in nullable}}
+        if not is_moe:
+            raw["num_experts"] = 0
+        raw["dtype"] = raw.get("dtype") or raw.get("torch_dtype") or "float32"
+        known = {f.name for f in fields(cls)}
         kept = {k: v for k, v in raw.items() if k in known and (v is not None or k in nullable)}
         return cls(**kept)
 
@@ -897,6 +924,13 @@ class StreamDecoder:
         self.printed = len(text)
         return piece
 
+    def flush(self) -> str:
+        """Return what push() held back, such as a replacement character the model really produced."""
+        text = self.tokenizer.decode(self.ids)
+        piece = text[self.printed :]
+        self.printed = len(text)
+        return piece
+
 
 # --------------------------------------------------------------------------------------------------
 # KV cache and generation
@@ -909,6 +943,14 @@ class LayerCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
+    def grow(self, max_len: int) -> None:
+        """Reallocate for max_len positions, keeping what is cached."""
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros(*old.shape[:2], max_len, old.shape[3])
+            new[:, :, : old.shape[2]] = old
+            setattr(self, name, new)
+
     def update(self, k: torch.Tensor, v: torch.Tensor, start_pos: int, first_key: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new keys and values at start_pos, return those from first_key to the end."""
         end_pos = start_pos + k.shape[2]
@@ -918,9 +960,19 @@ class LayerCache:
 
 
 class KVCache:
+    """One LayerCache per layer, for positions 0 .. max_len - 1."""
+
     def __init__(self, config: Config, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
         shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
         self.layers = [LayerCache(shape, dtype, device) for _ in range(config.num_hidden_layers)]
+        self.max_len = max_len
+
+    def ensure(self, length: int) -> None:
+        """Make room for `length` positions, doubling the buffers so that a long chat grows them rarely."""
+        if length > self.max_len:
+            self.max_len = max(length, 2 * self.max_len)
+            for layer in self.layers:
+                layer.grow(self.max_len)
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None) -> int:
@@ -950,20 +1002,114 @@ def generate(
     top_p: float = 1.0,
     stop_tokens: set[int] = frozenset(),
     seed: int | None = None,
+    cache: KVCache | None = None,
+    start_pos: int = 0,
 ) -> Iterator[int]:
-    """Yield new token ids: one prefill pass over the prompt, then one decode pass per token."""
+    """Yield new token ids: one prefill pass over the prompt, then one decode pass per token.
+
+    With a `cache` that already holds positions 0 .. start_pos - 1 (an earlier turn of a chat),
+    `prompt` continues from start_pos and only it is prefilled. The last token yielded is not
+    written to the cache.
+    """
     device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
-    cache = KVCache(model.config, 1, len(prompt) + max_new_tokens, dtype, device)
-    logits = model(torch.tensor([prompt], device=device), cache, start_pos=0, last_only=True)
-    for pos in range(len(prompt), len(prompt) + max_new_tokens):
+    end_pos = start_pos + len(prompt) + max_new_tokens
+    if cache is None:
+        cache = KVCache(model.config, 1, end_pos, dtype, device)
+    cache.ensure(end_pos)
+    logits = model(torch.tensor([prompt], device=device), cache, start_pos=start_pos, last_only=True)
+    for pos in range(start_pos + len(prompt), end_pos):
         token = sample(logits[0, -1], temperature, top_k, top_p, generator)
         yield token
-        if token in stop_tokens or pos + 1 == len(prompt) + max_new_tokens:
+        if token in stop_tokens or pos + 1 == end_pos:
             return
         logits = model(torch.tensor([[token]], device=device), cache, start_pos=pos)
+
+
+# --------------------------------------------------------------------------------------------------
+# Architecture summary (--info): sizes computed from the config alone, on the meta device
+
+BFLOAT16_BYTES = 2
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+LONG_CONTEXT = 128 * 1024
+
+
+def describe(config: Config) -> dict:
+    """Return parameter counts, layer kinds, attention layout and memory figures for `config`.
+
+    Nothing is loaded: the model is built on the meta device, where parameters have shapes but no
+    storage. The counts include the embedding and the LM head, as Qwen's published sizes do
+    (Qwen3-235B-A22B: 235B total, 22B activated). The active count takes every parameter outside
+    the experts, plus num_experts_per_tok of the num_experts experts in each MoE layer. The KV cache
+    figures are what the architecture needs in bfloat16: a sliding-window layer never needs more
+    than `sliding_window` positions. Dual chunk attention keeps every key, so it caches as full
+    attention does.
+    """
+    with torch.device("meta"):
+        model = Model(config)
+    total = sum(p.numel() for p in model.parameters())  # a tied LM head is the embedding, counted once
+    unused_experts = 0
+    for layer in model.layers:
+        if isinstance(layer.mlp, SparseMoE):
+            experts = sum(p.numel() for p in layer.mlp.experts.parameters())
+            unused_experts += experts // config.num_experts * (config.num_experts - config.num_experts_per_tok)
+    kv_per_position = 2 * config.num_key_value_heads * config.head_dim * BFLOAT16_BYTES  # keys and values
+    full = config.layer_types.count("full_attention")
+    sliding = config.layer_types.count("sliding_attention")
+    if config.dual_chunk_attention_config is not None:
+        attention_kind = f"all dual chunk attention (chunks of {DualChunk.from_config(config.dual_chunk_attention_config).chunk_size})"
+    elif sliding:
+        attention_kind = f"{sliding} sliding-window ({config.sliding_window}), {full} full"
+    else:
+        attention_kind = "all full attention"
+    sparse = sum(config.is_sparse(i) for i in range(config.num_hidden_layers))
+    experts = f"; {sparse} MoE ({config.num_experts_per_tok} of {config.num_experts} experts per token)" if sparse else ""
+    window = min(config.sliding_window or 0, LONG_CONTEXT)
+    return {
+        "family": "Qwen 3 MoE" if sparse else "Qwen 3",
+        "total_parameters": total,
+        "active_parameters": total - unused_experts,
+        "layers": f"{config.num_hidden_layers}: {attention_kind}{experts}",
+        "attention": f"GQA, {config.num_attention_heads} query / {config.num_key_value_heads} KV heads of {config.head_dim}, QK-norm",
+        "kv_bytes_per_token": full * kv_per_position,
+        "kv_bytes_long_context": (full * LONG_CONTEXT + sliding * window) * kv_per_position,
+        "weight_bytes": total * DTYPE_BYTES.get(config.dtype, BFLOAT16_BYTES),
+        "weight_format": config.dtype,
+    }
+
+def format_description(description: dict) -> str:
+    def gigabytes(n: int) -> str:
+        return f"{n / 1e9:.2f} GB"
+
+    lines = [
+        f"{description['family']}",
+        f"parameters:          {description['total_parameters'] / 1e9:.2f} B total, {description['active_parameters'] / 1e9:.2f} B active per token",
+        f"layers:              {description['layers']}",
+        f"attention:           {description['attention']}",
+        f"KV cache (bfloat16): {description['kv_bytes_per_token']:,} bytes per token past the windows; {gigabytes(description['kv_bytes_long_context'])} at {LONG_CONTEXT:,} tokens",
+        f"weights as published: {gigabytes(description['weight_bytes'])} ({description['weight_format']})",
+    ]
+    return "\n".join(lines)
+
+
+def read_config_only(model: str | None) -> Config:
+    """The Config of a folder or hub repo, fetching config.json alone; the flagship's defaults without `model`."""
+    if model is None:
+        return Config()
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return read_config(path)[0]
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        raw = json.loads(Path(hf_hub_download(model, "config.json")).read_text())
+    except (LocalEntryNotFoundError, HfHubHTTPError) as error:
+        raise UserError(f"cannot read config.json of {model}: {str(error).splitlines()[0]}") from None
+    check_architecture(raw, model)
+    return Config.from_hf(raw)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1021,9 +1167,9 @@ def sampling_settings(args: argparse.Namespace, generation: dict) -> tuple[float
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Generate text with a Qwen 3 checkpoint, dense or MoE.")
-    parser.add_argument("--prompt", required=True, help="the prompt (with --chat: the user message)")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"hub repo id or local folder (default: {DEFAULT_MODEL})")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default: 128)")
+    parser.add_argument("--prompt", help="the prompt (with --chat: the user message); required unless --interactive")
+    parser.add_argument("--model", default=None, help=f"hub repo id or local folder (default: {DEFAULT_MODEL})")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most, per reply with --interactive (default: 128)")
     parser.add_argument("--temperature", type=float, default=None, help="0 is greedy; default: the checkpoint's generation_config.json, else 0")
     parser.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens, 0 for all; default: generation_config.json, else 0")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]; default: generation_config.json, else 1")
@@ -1031,7 +1177,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="default: the checkpoint's dtype (float32 for float16 on CPU)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
-    parser.add_argument("--no-think", action="store_true", help="with --chat: render the template with enable_thinking=False, so the model replies without a thinking block")
+    parser.add_argument("--interactive", action="store_true", help=f"multi-turn chat in the terminal; {CLEAR_COMMAND} starts over, Ctrl-D or Ctrl-C quits")
+    parser.add_argument("--info", action="store_true", help="print sizes computed from the config without loading weights (default: the flagship checkpoint)")
+    parser.add_argument(
+        "--no-think",
+        action="store_true",
+        help="with --chat or --interactive: render the template with enable_thinking=False, so the model replies without a thinking block",
+    )
     parser.add_argument(
         "--dual-chunk-attention",
         action="store_true",
@@ -1042,18 +1194,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def run(args: argparse.Namespace) -> None:
-    if not args.prompt.strip():
-        raise UserError("--prompt is empty; give some text to continue")
+CLEAR_COMMAND = "/clear"
+
+
+@dataclass
+class Session:
+    """A loaded checkpoint and the settings every generation call of the CLI shares."""
+
+    model: Model
+    tokenizer: Tokenizer
+    config: Config
+    max_new_tokens: int
+    sampling: tuple[float, int, float]  # temperature, top-k, top-p
+    stop_tokens: set[int]
+    seed: int | None
+
+    load_seconds: float
+    template_variables: dict = field(default_factory=dict)  # passed to the chat template, e.g. enable_thinking=False
+
+    def check_fits(self, prompt_length: int) -> None:
+        context = self.config.max_position_embeddings
+        if prompt_length + self.max_new_tokens > context:
+            raise UserError(
+                f"prompt ({prompt_length} tokens) plus --max-new-tokens {self.max_new_tokens} exceeds the context of "
+                f"{context} tokens; shorten the prompt or lower --max-new-tokens"
+            )
+
+    def generate(self, prompt: list[int], cache: KVCache | None = None, start_pos: int = 0) -> Iterator[int]:
+        self.check_fits(start_pos + len(prompt))
+        return generate(self.model, prompt, self.max_new_tokens, *self.sampling, self.stop_tokens, self.seed, cache, start_pos)
+
+
+def load_session(args: argparse.Namespace) -> Session:
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
-    if args.no_think and not args.chat:
-        raise UserError("--no-think only changes the chat template; add --chat")
     folder = resolve_checkpoint(args.model)
     config, generation = read_config(folder)
     if args.dual_chunk_attention and config.dual_chunk_attention_config is None:
         config = replace(config, dual_chunk_attention_config=dict(DUAL_CHUNK_DEFAULTS))
-    temperature, top_k, top_p = sampling_settings(args, generation)
+    sampling = sampling_settings(args, generation)
+    if args.max_new_tokens >= config.max_position_embeddings:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the context of {config.max_position_embeddings} tokens")
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, config, device)
 
@@ -1062,32 +1243,134 @@ def run(args: argparse.Namespace) -> None:
         tokenizer_job = pool.submit(Tokenizer, folder)
         model = load_model(folder, config, device, dtype)
         tokenizer = tokenizer_job.result()
-    if args.chat:
-        template_variables = {"enable_thinking": False} if args.no_think else {}
-        prompt = tokenizer.encode_chat([{"role": "user", "content": args.prompt}], **template_variables)
-    else:
-        prompt = tokenizer.encode(args.prompt)
-    if len(prompt) + args.max_new_tokens > config.max_position_embeddings:
-        raise UserError(
-            f"prompt ({len(prompt)} tokens) plus --max-new-tokens {args.max_new_tokens} exceeds the context of "
-            f"{config.max_position_embeddings} tokens; shorten the prompt or lower --max-new-tokens"
-        )
-    log(f"loaded {folder} in {time.perf_counter() - started:.1f}s ({dtype}, {device})")
+    chat = args.chat or args.interactive
+    stops = stop_tokens(config, generation, tokenizer, chat)
+    template_variables = {"enable_thinking": False} if args.no_think else {}
+    return Session(model, tokenizer, config, args.max_new_tokens, sampling, stops, args.seed, time.perf_counter() - started, template_variables)
 
-    stream = StreamDecoder(tokenizer)
-    tokens = generate(model, prompt, args.max_new_tokens, temperature, top_k, top_p, stop_tokens(config, generation, tokenizer, args.chat), args.seed)
+
+def log_loaded(session: Session, folder: str) -> None:
+    weight = session.model.embed_tokens.weight
+    log(f"loaded {folder} in {session.load_seconds:.1f}s ({weight.dtype}, {weight.device})")
+
+
+def stream_reply(session: Session, tokens: Iterator[int]) -> tuple[list[int], float, float]:
+    """Print the tokens as text while they arrive; return them with the prefill and decode seconds."""
+    stream = StreamDecoder(session.tokenizer)
+    reply: list[int] = []
     started = time.perf_counter()
-    count = 0
+    prefill_seconds = 0.0
     for token in tokens:
-        if count == 0:
+        if not reply:
             prefill_seconds = time.perf_counter() - started
             started = time.perf_counter()
-        count += 1
+        reply.append(token)
         print(stream.push(token), end="", flush=True)
-    decode_seconds = time.perf_counter() - started
-    print()
-    decode_rate = f"{(count - 1) / decode_seconds:.1f} tokens/s" if count > 1 else "n/a"
-    log(f"prompt: {len(prompt)} tokens, {len(prompt) / prefill_seconds:.1f} tokens/s; generation: {count} tokens, {decode_rate}")
+    print(stream.flush())
+    return reply, prefill_seconds, time.perf_counter() - started
+
+
+def complete(session: Session, args: argparse.Namespace) -> None:
+    tokenizer = session.tokenizer
+    if args.chat:
+        prompt = tokenizer.encode_chat([{"role": "user", "content": args.prompt}], **session.template_variables)
+    else:
+        prompt = tokenizer.encode(args.prompt)
+    session.check_fits(len(prompt))
+    log_loaded(session, args.model)
+    reply, prefill_seconds, decode_seconds = stream_reply(session, session.generate(prompt))
+    decode_rate = f"{(len(reply) - 1) / decode_seconds:.1f} tokens/s" if len(reply) > 1 else "n/a"
+    log(f"prompt: {len(prompt)} tokens, {len(prompt) / prefill_seconds:.1f} tokens/s; generation: {len(reply)} tokens, {decode_rate}")
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    length = 0
+    while length < min(len(a), len(b)) and a[length] == b[length]:
+        length += 1
+    return length
+
+
+class Chat:
+    """A conversation whose KV cache survives between turns, so each turn prefills only its new tokens.
+
+    Each turn renders the whole conversation with the chat template, then reuses the cached
+    positions that the new rendering shares with the ids already in the cache. The template may
+    render an earlier reply differently from the ids the model produced (for example with thinking
+    removed); the cache is then reused up to the first difference.
+    """
+
+    def __init__(self, session: Session):
+        self.session = session
+        self.clear()
+
+    def clear(self) -> None:
+        self.messages: list[dict] = []
+        self.cache: KVCache | None = None
+        self.cached: list[int] = []  # ids whose keys and values the cache holds, from position 0
+
+    def reply(self, text: str) -> Iterator[int]:
+        """Add a user message and yield the reply's token ids as they are generated."""
+        self.messages.append({"role": "user", "content": text})
+        ids = self.session.tokenizer.encode_chat(self.messages, **self.session.template_variables)
+        reused = common_prefix(self.cached, ids)
+        if reused == len(ids):  # at least one token must be prefilled to get logits
+            reused -= 1
+        if self.cache is None:
+            model = self.session.model
+            self.cache = KVCache(model.config, 1, len(ids) + self.session.max_new_tokens, model.embed_tokens.weight.dtype, model.embed_tokens.weight.device)
+        reply: list[int] = []
+        for token in self.session.generate(ids[reused:], self.cache, start_pos=reused):
+            reply.append(token)
+            yield token
+        # The last reply token was yielded but never fed back, so the cache ends just before it.
+        self.cached = ids + reply[:-1]
+        text_ids = [t for t in reply if t not in self.session.stop_tokens]
+        self.messages.append({"role": "assistant", "content": self.session.tokenizer.decode(text_ids)})
+
+
+def interactive(session: Session) -> None:
+    chat = Chat(session)
+    log(f"interactive chat: {CLEAR_COMMAND} starts over, Ctrl-D or Ctrl-C quits")
+    while True:
+        try:
+            text = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if text.strip() == CLEAR_COMMAND:
+            chat.clear()
+            log("conversation cleared")
+            continue
+        if not text.strip():
+            continue
+        try:
+            stream_reply(session, chat.reply(text))
+        except KeyboardInterrupt:  # stop this reply, keep the session
+            print()
+            chat.clear()
+            log("reply interrupted; conversation cleared")
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.info:
+        config = read_config_only(args.model)
+        if args.dual_chunk_attention and config.dual_chunk_attention_config is None:
+            config = replace(config, dual_chunk_attention_config=dict(DUAL_CHUNK_DEFAULTS))
+        print(format_description(describe(config)))
+        return
+    args.model = args.model or DEFAULT_MODEL
+    if args.prompt is None and not args.interactive:
+        raise UserError("--prompt is required (or use --interactive)")
+    if args.prompt is not None and not args.prompt.strip():
+        raise UserError("--prompt is empty; give some text to continue")
+    if args.no_think and not (args.chat or args.interactive):
+        raise UserError("--no-think only changes the chat template; add --chat (or use --interactive)")
+    session = load_session(args)
+    if args.interactive:
+        log_loaded(session, args.model)
+        interactive(session)
+    else:
+        complete(session, args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2117,7 +2117,8 @@ def test_qwen3_rejects_prompt_longer_than_context(name, checkpoints, tmp_path, c
     import qwen3
 
     folder = qwen3_chat_folder(checkpoints, name, tmp_path)
-    err = cli_error(qwen3, capsys, "--model", str(folder), "--device", "cpu", "--prompt", "word " * 10, "--max-new-tokens", "40000")
+    context = qwen3.read_config(folder)[0].max_position_embeddings
+    err = cli_error(qwen3, capsys, "--model", str(folder), "--device", "cpu", "--prompt", "word " * 10, "--max-new-tokens", str(context - 4))
     assert "exceeds the context" in err
 
 
