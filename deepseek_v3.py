@@ -50,6 +50,18 @@ class UserError(Exception):
 # Config
 
 
+# DeepseekV3Config's defaults in transformers 5.25, for keys a config.json may omit. They equal the
+# DeepSeek-V3 values except max_position_embeddings, and a config without rope_scaling gets plain RoPE.
+TRANSFORMERS_DEFAULTS = {
+    "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
+    "num_hidden_layers": 61, "max_position_embeddings": 4096, "num_attention_heads": 128, "q_lora_rank": 1536,
+    "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "attention_bias": False,
+    "rope_theta": 10_000.0, "rope_interleave": True, "n_routed_experts": 256, "num_experts_per_tok": 8, "n_group": 8,
+    "topk_group": 4, "n_shared_experts": 1, "first_k_dense_replace": 3, "norm_topk_prob": True,
+    "routed_scaling_factor": 2.5, "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "bos_token_id": 0, "eos_token_id": 1,
+}
+
+
 @dataclass
 class Config:
     """Hyperparameters of the model; field names follow the checkpoint's config.json.
@@ -106,7 +118,10 @@ class Config:
     @classmethod
     def from_hf(cls, raw: dict) -> "Config":
         """Build a Config from a config.json dict (hub files or transformers' save_pretrained)."""
-        settings = dict(raw)
+        # None stays only where it has a meaning; elsewhere it means "use the default".
+        meaningful_none = {"q_lora_rank", "mscale", "mscale_all_dim", "attention_factor", "weight_block_size"}
+        # A key that config.json leaves out means transformers' default, not this file's flagship value.
+        settings = {**TRANSFORMERS_DEFAULTS, **{k: v for k, v in raw.items() if v is not None or k in meaningful_none}}
         # RoPE settings come as `rope_parameters` (transformers >= 5) or as `rope_theta` plus
         # `rope_scaling` (hub files, which spell the type `type`).
         rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
@@ -114,11 +129,11 @@ class Config:
         if rope_type not in ("default", "yarn"):
             raise UserError(f"unsupported RoPE type {rope_type!r}; deepseek_v3.py supports 'default' and 'yarn'")
         settings["rope_type"] = rope_type
-        settings["rope_theta"] = rope.get("rope_theta", raw.get("rope_theta", cls.rope_theta))
+        settings["rope_theta"] = rope.get("rope_theta", settings["rope_theta"])
         if rope_type == "yarn":
             settings["rope_factor"] = rope["factor"]
             # transformers falls back to max_position_embeddings when the pretraining length is not given.
-            settings["original_max_position_embeddings"] = rope.get("original_max_position_embeddings", raw["max_position_embeddings"])
+            settings["original_max_position_embeddings"] = rope.get("original_max_position_embeddings", settings["max_position_embeddings"])
             # A missing or zero beta takes YaRN's default, as in transformers.
             settings["beta_fast"] = rope.get("beta_fast") or 32.0
             settings["beta_slow"] = rope.get("beta_slow") or 1.0
@@ -137,8 +152,6 @@ class Config:
 
         settings["dtype"] = raw.get("dtype") or raw.get("torch_dtype") or "float32"
         known = {f.name for f in fields(cls)}
-        # None stays only where it has a meaning; elsewhere it means "use the default".
-        meaningful_none = {"q_lora_rank", "mscale", "mscale_all_dim", "attention_factor", "weight_block_size"}
         kept = {k: v for k, v in settings.items() if k in known and (v is not None or k in meaningful_none)}
         return cls(**kept)
 
@@ -808,6 +821,13 @@ class StreamDecoder:
         self.printed = len(text)
         return piece
 
+    def flush(self) -> str:
+        """Return what push() held back, such as a replacement character the model really produced."""
+        text = self.tokenizer.decode(self.ids)
+        piece = text[self.printed :]
+        self.printed = len(text)
+        return piece
+
 
 # --------------------------------------------------------------------------------------------------
 # KV cache and generation
@@ -826,6 +846,14 @@ class LayerCache:
         self.batch, self.max_len, self.dtype, self.device = batch, max_len, dtype, device
         self.buffers: list[torch.Tensor] = []
 
+    def grow(self, max_len: int) -> None:
+        """Reallocate for max_len positions, keeping what is cached; unallocated buffers take max_len at their first write."""
+        self.max_len = max_len
+        for i, old in enumerate(self.buffers):
+            new = old.new_zeros(old.shape[0], max_len, *old.shape[2:])
+            new[:, : old.shape[1]] = old
+            self.buffers[i] = new
+
     def update(self, start_pos: int, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Write the new entries (B, T, ...) at start_pos, return each buffer's entries up to start_pos + T."""
         if not self.buffers:
@@ -837,8 +865,18 @@ class LayerCache:
 
 
 class KVCache:
+    """One LayerCache per layer, for positions 0 .. max_len - 1."""
+
     def __init__(self, config: Config, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
         self.layers = [LayerCache(batch, max_len, dtype, device) for _ in range(config.num_hidden_layers)]
+        self.max_len = max_len
+
+    def ensure(self, length: int) -> None:
+        """Make room for `length` positions, doubling the buffers so that a long chat grows them rarely."""
+        if length > self.max_len:
+            self.max_len = max(length, 2 * self.max_len)
+            for layer in self.layers:
+                layer.grow(self.max_len)
 
     def bytes_per_token(self) -> int:
         """Bytes the allocated buffers of all layers take per cached position and batch row."""
@@ -873,20 +911,135 @@ def generate(
     top_p: float = 1.0,
     stop_tokens: set[int] = frozenset(),
     seed: int | None = None,
+    cache: KVCache | None = None,
+    start_pos: int = 0,
 ) -> Iterator[int]:
-    """Yield new token ids: one prefill pass over the prompt, then one decode pass per token."""
+    """Yield new token ids: one prefill pass over the prompt, then one decode pass per token.
+
+    With a `cache` that already holds positions 0 .. start_pos - 1 (an earlier turn of a chat),
+    `prompt` continues from start_pos and only it is prefilled. The last token yielded is not
+    written to the cache.
+    """
     device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
-    cache = KVCache(model.config, 1, len(prompt) + max_new_tokens, dtype, device)
-    logits = model(torch.tensor([prompt], device=device), cache, start_pos=0, last_only=True)
-    for pos in range(len(prompt), len(prompt) + max_new_tokens):
+    end_pos = start_pos + len(prompt) + max_new_tokens
+    if cache is None:
+        cache = KVCache(model.config, 1, end_pos, dtype, device)
+    cache.ensure(end_pos)
+    logits = model(torch.tensor([prompt], device=device), cache, start_pos=start_pos, last_only=True)
+    for pos in range(start_pos + len(prompt), end_pos):
         token = sample(logits[0, -1], temperature, top_k, top_p, generator)
         yield token
-        if token in stop_tokens or pos + 1 == len(prompt) + max_new_tokens:
+        if token in stop_tokens or pos + 1 == end_pos:
             return
         logits = model(torch.tensor([[token]], device=device), cache, start_pos=pos)
+
+
+# --------------------------------------------------------------------------------------------------
+# Architecture summary (--info): sizes computed from the config alone, on the meta device
+
+BFLOAT16_BYTES = 2
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+LONG_CONTEXT = 128 * 1024
+FP8_SCALE_BYTES = 4  # one float32 weight_scale_inv per block
+
+
+def describe(config: Config) -> dict:
+    """Return parameter counts, layer kinds, attention layout and memory figures for `config`.
+
+    Nothing is loaded: the model is built on the meta device, where parameters have shapes but no
+    storage. The counts follow DeepSeek's convention for "671B total, 37B activated". The total
+    leaves out the multi-token-prediction layer, which Model does not build: the hub checkpoint
+    holds 14B parameters more (685B). The activated count leaves out the input embedding, a table
+    lookup, but counts the LM head. The same convention gives DeepSeek-V2's published 21B
+    activated (20.8B). The KV cache figures are the absorbed path's: one latent and one RoPE key per
+    token and layer, in bfloat16.
+    """
+    with torch.device("meta"):
+        model = Model(config)
+    total = sum(p.numel() for p in model.parameters())
+    moe_layers = [layer.mlp for layer in model.layers if isinstance(layer.mlp, MoE)]
+    routed = sum(p.numel() for moe in moe_layers for p in moe.experts.parameters())
+    used_routed = routed * config.num_experts_per_tok // config.n_routed_experts
+    embedding = 0 if config.tie_word_embeddings else model.embed_tokens.weight.numel()
+    kv_per_token = config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim) * BFLOAT16_BYTES
+    dense = config.num_hidden_layers - len(moe_layers)
+    return {
+        "family": "DeepSeek-V3",
+        "total_parameters": total,
+        "active_parameters": total - routed + used_routed - embedding,
+        "layers": (
+            f"{config.num_hidden_layers}: all full attention; {dense} dense, {len(moe_layers)} MoE "
+            f"({config.n_routed_experts} routed experts, top {config.num_experts_per_tok}, {config.n_shared_experts} shared)"
+        ),
+        "attention": f"MLA, {config.num_attention_heads} heads, latent {config.kv_lora_rank} + RoPE key {config.qk_rope_head_dim}",
+        "kv_bytes_per_token": kv_per_token,
+        "kv_bytes_long_context": kv_per_token * LONG_CONTEXT,
+        "weight_bytes": published_weight_bytes(model, config),
+        "weight_format": weight_format(config),
+    }
+
+
+def published_weight_bytes(model: Model, config: Config) -> int:
+    """Bytes of the weights as the checkpoint stores them, the multi-token-prediction layer excluded.
+
+    An FP8 checkpoint stores every linear layer of the decoder layers in float8 (1 byte per weight)
+    plus one float32 scale per block. The embedding, the LM head, the norms and the router are stored
+    in config.dtype.
+    """
+    other_bytes = DTYPE_BYTES.get(config.dtype, BFLOAT16_BYTES)
+    total = sum(p.numel() for p in model.parameters()) * other_bytes
+    if config.weight_block_size is None:
+        return total
+    rows, cols = config.weight_block_size
+    for module in model.layers.modules():
+        if isinstance(module, nn.Linear):
+            out_dim, in_dim = module.weight.shape
+            scales = math.ceil(out_dim / rows) * math.ceil(in_dim / cols)
+            total += module.weight.numel() * (1 - other_bytes) + scales * FP8_SCALE_BYTES
+    return total
+
+
+def weight_format(config: Config) -> str:
+    if config.weight_block_size is None:
+        return config.dtype
+    rows, cols = config.weight_block_size
+    return f"FP8 e4m3 linear layers with {rows} x {cols} block scales, {config.dtype} elsewhere"
+
+
+def format_description(description: dict) -> str:
+    def gigabytes(n: int) -> str:
+        return f"{n / 1e9:.2f} GB"
+
+    lines = [
+        f"{description['family']}",
+        f"parameters:          {description['total_parameters'] / 1e9:.2f} B total, {description['active_parameters'] / 1e9:.2f} B active per token",
+        f"layers:              {description['layers']}",
+        f"attention:           {description['attention']}",
+        f"KV cache (bfloat16): {description['kv_bytes_per_token']:,} bytes per token past the windows; {gigabytes(description['kv_bytes_long_context'])} at {LONG_CONTEXT:,} tokens",
+        f"weights as published: {gigabytes(description['weight_bytes'])} ({description['weight_format']})",
+    ]
+    return "\n".join(lines)
+
+
+def read_config_only(model: str | None) -> Config:
+    """The Config of a folder or hub repo, fetching config.json alone; the flagship's defaults without `model`."""
+    if model is None:
+        return Config()
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return read_config(path)[0]
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        raw = json.loads(Path(hf_hub_download(model, "config.json")).read_text())
+    except (LocalEntryNotFoundError, HfHubHTTPError) as error:
+        raise UserError(f"cannot read config.json of {model}: {str(error).splitlines()[0]}") from None
+    check_architecture(raw, model)
+    return Config.from_hf(raw)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -944,9 +1097,9 @@ def sampling_settings(args: argparse.Namespace, generation: dict) -> tuple[float
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Generate text with a DeepSeek-V3 checkpoint.")
-    parser.add_argument("--prompt", required=True, help="the prompt (with --chat: the user message)")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"hub repo id or local folder (default: {DEFAULT_MODEL})")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default: 128)")
+    parser.add_argument("--prompt", help="the prompt (with --chat: the user message); required unless --interactive")
+    parser.add_argument("--model", default=None, help=f"hub repo id or local folder (default: {DEFAULT_MODEL})")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most, per reply with --interactive (default: 128)")
     parser.add_argument("--temperature", type=float, default=None, help="0 is greedy; default: the checkpoint's generation_config.json, else 0")
     parser.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens, 0 for all; default: generation_config.json, else 0")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]; default: generation_config.json, else 1")
@@ -954,17 +1107,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="default: the checkpoint's dtype (float32 for float16 on CPU)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
+    parser.add_argument("--interactive", action="store_true", help=f"multi-turn chat in the terminal; {CLEAR_COMMAND} starts over, Ctrl-D or Ctrl-C quits")
+    parser.add_argument("--info", action="store_true", help="print sizes computed from the config without loading weights (default: the flagship checkpoint)")
     return parser.parse_args(argv)
 
 
-def run(args: argparse.Namespace) -> None:
-    if not args.prompt.strip():
-        raise UserError("--prompt is empty; give some text to continue")
+CLEAR_COMMAND = "/clear"
+
+
+@dataclass
+class Session:
+    """A loaded checkpoint and the settings every generation call of the CLI shares."""
+
+    model: Model
+    tokenizer: Tokenizer
+    config: Config
+    max_new_tokens: int
+    sampling: tuple[float, int, float]  # temperature, top-k, top-p
+    stop_tokens: set[int]
+    seed: int | None
+
+    load_seconds: float
+
+    def check_fits(self, prompt_length: int) -> None:
+        context = self.config.max_position_embeddings
+        if prompt_length + self.max_new_tokens > context:
+            raise UserError(
+                f"prompt ({prompt_length} tokens) plus --max-new-tokens {self.max_new_tokens} exceeds the context of "
+                f"{context} tokens; shorten the prompt or lower --max-new-tokens"
+            )
+
+    def generate(self, prompt: list[int], cache: KVCache | None = None, start_pos: int = 0) -> Iterator[int]:
+        self.check_fits(start_pos + len(prompt))
+        return generate(self.model, prompt, self.max_new_tokens, *self.sampling, self.stop_tokens, self.seed, cache, start_pos)
+
+
+def load_session(args: argparse.Namespace) -> Session:
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
     folder = resolve_checkpoint(args.model)
     config, generation = read_config(folder)
-    temperature, top_k, top_p = sampling_settings(args, generation)
+    sampling = sampling_settings(args, generation)
+    if args.max_new_tokens >= config.max_position_embeddings:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the context of {config.max_position_embeddings} tokens")
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, config, device)
 
@@ -973,28 +1158,125 @@ def run(args: argparse.Namespace) -> None:
         tokenizer_job = pool.submit(Tokenizer, folder)
         model = load_model(folder, config, device, dtype)
         tokenizer = tokenizer_job.result()
-    prompt = tokenizer.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat else tokenizer.encode(args.prompt)
-    if len(prompt) + args.max_new_tokens > config.max_position_embeddings:
-        raise UserError(
-            f"prompt ({len(prompt)} tokens) plus --max-new-tokens {args.max_new_tokens} exceeds the context of "
-            f"{config.max_position_embeddings} tokens; shorten the prompt or lower --max-new-tokens"
-        )
-    log(f"loaded {folder} in {time.perf_counter() - started:.1f}s ({dtype}, {device})")
+    chat = args.chat or args.interactive
+    stops = stop_tokens(config, generation, tokenizer, chat)
+    return Session(model, tokenizer, config, args.max_new_tokens, sampling, stops, args.seed, time.perf_counter() - started)
 
-    stream = StreamDecoder(tokenizer)
-    tokens = generate(model, prompt, args.max_new_tokens, temperature, top_k, top_p, stop_tokens(config, generation, tokenizer, args.chat), args.seed)
+
+def log_loaded(session: Session, folder: str) -> None:
+    weight = session.model.embed_tokens.weight
+    log(f"loaded {folder} in {session.load_seconds:.1f}s ({weight.dtype}, {weight.device})")
+
+
+def stream_reply(session: Session, tokens: Iterator[int]) -> tuple[list[int], float, float]:
+    """Print the tokens as text while they arrive; return them with the prefill and decode seconds."""
+    stream = StreamDecoder(session.tokenizer)
+    reply: list[int] = []
     started = time.perf_counter()
-    count = 0
+    prefill_seconds = 0.0
     for token in tokens:
-        if count == 0:
+        if not reply:
             prefill_seconds = time.perf_counter() - started
             started = time.perf_counter()
-        count += 1
+        reply.append(token)
         print(stream.push(token), end="", flush=True)
-    decode_seconds = time.perf_counter() - started
-    print()
-    decode_rate = f"{(count - 1) / decode_seconds:.1f} tokens/s" if count > 1 else "n/a"
-    log(f"prompt: {len(prompt)} tokens, {len(prompt) / prefill_seconds:.1f} tokens/s; generation: {count} tokens, {decode_rate}")
+    print(stream.flush())
+    return reply, prefill_seconds, time.perf_counter() - started
+
+
+def complete(session: Session, args: argparse.Namespace) -> None:
+    tokenizer = session.tokenizer
+    prompt = tokenizer.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat else tokenizer.encode(args.prompt)
+    session.check_fits(len(prompt))
+    log_loaded(session, args.model)
+    reply, prefill_seconds, decode_seconds = stream_reply(session, session.generate(prompt))
+    decode_rate = f"{(len(reply) - 1) / decode_seconds:.1f} tokens/s" if len(reply) > 1 else "n/a"
+    log(f"prompt: {len(prompt)} tokens, {len(prompt) / prefill_seconds:.1f} tokens/s; generation: {len(reply)} tokens, {decode_rate}")
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    length = 0
+    while length < min(len(a), len(b)) and a[length] == b[length]:
+        length += 1
+    return length
+
+
+class Chat:
+    """A conversation whose KV cache survives between turns, so each turn prefills only its new tokens.
+
+    Each turn renders the whole conversation with the chat template, then reuses the cached
+    positions that the new rendering shares with the ids already in the cache. The template may
+    render an earlier reply differently from the ids the model produced (for example with thinking
+    removed); the cache is then reused up to the first difference.
+    """
+
+    def __init__(self, session: Session):
+        self.session = session
+        self.clear()
+
+    def clear(self) -> None:
+        self.messages: list[dict] = []
+        self.cache: KVCache | None = None
+        self.cached: list[int] = []  # ids whose keys and values the cache holds, from position 0
+
+    def reply(self, text: str) -> Iterator[int]:
+        """Add a user message and yield the reply's token ids as they are generated."""
+        self.messages.append({"role": "user", "content": text})
+        ids = self.session.tokenizer.encode_chat(self.messages)
+        reused = common_prefix(self.cached, ids)
+        if reused == len(ids):  # at least one token must be prefilled to get logits
+            reused -= 1
+        if self.cache is None:
+            model = self.session.model
+            self.cache = KVCache(model.config, 1, len(ids) + self.session.max_new_tokens, model.embed_tokens.weight.dtype, model.embed_tokens.weight.device)
+        reply: list[int] = []
+        for token in self.session.generate(ids[reused:], self.cache, start_pos=reused):
+            reply.append(token)
+            yield token
+        # The last reply token was yielded but never fed back, so the cache ends just before it.
+        self.cached = ids + reply[:-1]
+        text_ids = [t for t in reply if t not in self.session.stop_tokens]
+        self.messages.append({"role": "assistant", "content": self.session.tokenizer.decode(text_ids)})
+
+
+def interactive(session: Session) -> None:
+    chat = Chat(session)
+    log(f"interactive chat: {CLEAR_COMMAND} starts over, Ctrl-D or Ctrl-C quits")
+    while True:
+        try:
+            text = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if text.strip() == CLEAR_COMMAND:
+            chat.clear()
+            log("conversation cleared")
+            continue
+        if not text.strip():
+            continue
+        try:
+            stream_reply(session, chat.reply(text))
+        except KeyboardInterrupt:  # stop this reply, keep the session
+            print()
+            chat.clear()
+            log("reply interrupted; conversation cleared")
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.info:
+        print(format_description(describe(read_config_only(args.model))))
+        return
+    args.model = args.model or DEFAULT_MODEL
+    if args.prompt is None and not args.interactive:
+        raise UserError("--prompt is required (or use --interactive)")
+    if args.prompt is not None and not args.prompt.strip():
+        raise UserError("--prompt is empty; give some text to continue")
+    session = load_session(args)
+    if args.interactive:
+        log_loaded(session, args.model)
+        interactive(session)
+    else:
+        complete(session, args)
 
 
 def main(argv: list[str] | None = None) -> int:

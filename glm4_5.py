@@ -47,45 +47,59 @@ class UserError(Exception):
 # Config
 
 
+# Glm4MoeConfig's defaults in transformers 5.25, for keys a config.json may omit. They are mostly
+# GLM-4.5-Air's values, but without its attention biases and RoPE base, and with no EOS token.
+TRANSFORMERS_DEFAULTS = {
+    "vocab_size": 151552, "hidden_size": 4096, "intermediate_size": 10944, "num_hidden_layers": 46,
+    "max_position_embeddings": 131072, "num_attention_heads": 96, "num_key_value_heads": 8, "attention_bias": False,
+    "use_qk_norm": False, "rope_theta": 10_000.0, "partial_rotary_factor": 0.5, "first_k_dense_replace": 1,
+    "n_routed_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 1408, "n_shared_experts": 1,
+    "n_group": 1, "topk_group": 1, "norm_topk_prob": True, "routed_scaling_factor": 1.0, "num_nextn_predict_layers": 1,
+    "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "eos_token_id": None,
+}
+
+
 @dataclass
 class Config:
     """Hyperparameters of the model; field names follow the checkpoint's config.json.
 
-    The defaults describe zai-org/GLM-4.5-Air. GLM-4.5 has 92 layers of width 5120, 160 experts,
-    QK-norm, 3 dense layers and routed_scaling_factor 2.5.
+    The defaults describe the family's flagship, zai-org/GLM-4.5. GLM-4.5-Air has 46 layers of width
+    4096, 128 experts of 1408, no QK-norm, 1 dense layer and routed_scaling_factor 1.
+    NOTE: the values are from the published config.json as recalled here, not read from the hub
+    file; describe() lands within 1% of Z.ai's published 355B total and 32B active with them.
     """
 
     # sizes
     vocab_size: int = 151552
-    hidden_size: int = 4096
-    intermediate_size: int = 10944  # the dense MLP of the first `first_k_dense_replace` layers
-    num_hidden_layers: int = 46
+    hidden_size: int = 5120
+    intermediate_size: int = 12288  # the dense MLP of the first `first_k_dense_replace` layers
+    num_hidden_layers: int = 92
     max_position_embeddings: int = 131072
     # attention
     num_attention_heads: int = 96
     num_key_value_heads: int = 8
     head_dim: int = 128  # explicit: 96 heads x 128 is wider than hidden_size
     attention_bias: bool = True  # on q_proj, k_proj and v_proj; o_proj has none
-    use_qk_norm: bool = False
+    use_qk_norm: bool = True
     # RoPE
     rope_theta: float = 1_000_000.0
     partial_rotary_factor: float = 0.5  # the fraction of each head's dims that RoPE rotates
     # mixture of experts
-    first_k_dense_replace: int = 1  # layers before this index have a dense MLP, the rest MoE
-    n_routed_experts: int = 128
+    first_k_dense_replace: int = 3  # layers before this index have a dense MLP, the rest MoE
+    n_routed_experts: int = 160
     num_experts_per_tok: int = 8
-    moe_intermediate_size: int = 1408
+    moe_intermediate_size: int = 1536
     n_shared_experts: int = 1
     n_group: int = 1  # experts are split into n_group groups, and a token may use topk_group of them
     topk_group: int = 1
     norm_topk_prob: bool = True
-    routed_scaling_factor: float = 1.0
+    routed_scaling_factor: float = 2.5
     num_nextn_predict_layers: int = 1  # MTP layers stored after the decoder layers, unused here
     # norms and output
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
-    # special tokens: <|endoftext|>, <|user|>, <|observation|>
-    eos_token_id: int | list[int] = field(default_factory=lambda: [151329, 151336, 151338])
+    # special tokens: <|endoftext|>, <|user|>, <|observation|>; None: generation stops only at the token limit
+    eos_token_id: int | list[int] | None = field(default_factory=lambda: [151329, 151336, 151338])
     dtype: str = "bfloat16"  # the dtype the checkpoint was saved in
 
     @property
@@ -110,13 +124,16 @@ class Config:
         for key in ("rope_theta", "partial_rotary_factor"):
             if key in rope:
                 raw[key] = rope[key]
-        if not raw.get("head_dim"):
-            raw["head_dim"] = raw.get("hidden_size", cls.hidden_size) // raw.get("num_attention_heads", cls.num_attention_heads)
         raw["dtype"] = raw.get("dtype") or raw.get("torch_dtype") or "float32"
+        # A key that config.json leaves out means transformers' default, not this file's flagship value.
+        # None means "use the default" too, except for eos_token_id, where it means no EOS token.
+        settings = {**TRANSFORMERS_DEFAULTS, **{k: v for k, v in raw.items() if v is not None}}
+        if "eos_token_id" in raw:
+            settings["eos_token_id"] = raw["eos_token_id"]
+        if not settings.get("head_dim"):
+            settings["head_dim"] = settings["hidden_size"] // settings["num_attention_heads"]
         known = {f.name for f in fields(cls)}
-        # None means "use the default" for every field of this family.
-        kept = {k: v for k, v in raw.items() if k in known and v is not None}
-        return cls(**kept)
+        return cls(**{k: v for k, v in settings.items() if k in known})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -631,6 +648,13 @@ class StreamDecoder:
         self.printed = len(text)
         return piece
 
+    def flush(self) -> str:
+        """Return what push() held back, such as a replacement character the model really produced."""
+        text = self.tokenizer.decode(self.ids)
+        piece = text[self.printed :]
+        self.printed = len(text)
+        return piece
+
 
 # --------------------------------------------------------------------------------------------------
 # KV cache and generation
@@ -643,6 +667,14 @@ class LayerCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
+    def grow(self, max_len: int) -> None:
+        """Reallocate for max_len positions, keeping what is cached."""
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros(*old.shape[:2], max_len, old.shape[3])
+            new[:, :, : old.shape[2]] = old
+            setattr(self, name, new)
+
     def update(self, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new keys and values at start_pos, return all of them up to the new end."""
         end_pos = start_pos + k.shape[2]
@@ -652,9 +684,19 @@ class LayerCache:
 
 
 class KVCache:
+    """One LayerCache per layer, for positions 0 .. max_len - 1."""
+
     def __init__(self, config: Config, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
         shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
         self.layers = [LayerCache(shape, dtype, device) for _ in range(config.num_hidden_layers)]
+        self.max_len = max_len
+
+    def ensure(self, length: int) -> None:
+        """Make room for `length` positions, doubling the buffers so that a long chat grows them rarely."""
+        if length > self.max_len:
+            self.max_len = max(length, 2 * self.max_len)
+            for layer in self.layers:
+                layer.grow(self.max_len)
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None) -> int:
@@ -684,20 +726,112 @@ def generate(
     top_p: float = 1.0,
     stop_tokens: set[int] = frozenset(),
     seed: int | None = None,
+    cache: KVCache | None = None,
+    start_pos: int = 0,
 ) -> Iterator[int]:
-    """Yield new token ids: one prefill pass over the prompt, then one decode pass per token."""
+    """Yield new token ids: one prefill pass over the prompt, then one decode pass per token.
+
+    With a `cache` that already holds positions 0 .. start_pos - 1 (an earlier turn of a chat),
+    `prompt` continues from start_pos and only it is prefilled. The last token yielded is not
+    written to the cache.
+    """
     device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
-    cache = KVCache(model.config, 1, len(prompt) + max_new_tokens, dtype, device)
-    logits = model(torch.tensor([prompt], device=device), cache, start_pos=0, last_only=True)
-    for pos in range(len(prompt), len(prompt) + max_new_tokens):
+    end_pos = start_pos + len(prompt) + max_new_tokens
+    if cache is None:
+        cache = KVCache(model.config, 1, end_pos, dtype, device)
+    cache.ensure(end_pos)
+    logits = model(torch.tensor([prompt], device=device), cache, start_pos=start_pos, last_only=True)
+    for pos in range(start_pos + len(prompt), end_pos):
         token = sample(logits[0, -1], temperature, top_k, top_p, generator)
         yield token
-        if token in stop_tokens or pos + 1 == len(prompt) + max_new_tokens:
+        if token in stop_tokens or pos + 1 == end_pos:
             return
         logits = model(torch.tensor([[token]], device=device), cache, start_pos=pos)
+
+
+# --------------------------------------------------------------------------------------------------
+# Architecture summary (--info): sizes computed from the config alone, on the meta device
+
+BFLOAT16_BYTES = 2
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+LONG_CONTEXT = 128 * 1024
+
+
+def describe(config: Config) -> dict:
+    """Return parameter counts, layer kinds, attention layout and memory figures for `config`.
+
+    Nothing is loaded: the model is built on the meta device, where parameters have shapes but no
+    storage. The counts follow Z.ai's convention for GLM-4.5 ("355B total, 32B active") and
+    GLM-4.5-Air ("106B total, 12B active"). The total leaves out the MTP layers, which Model does
+    not build (352.8B and 106.9B here). The active count leaves out the embedding and the LM head
+    (32.1B and 12.2B here). Counting either of them instead would put GLM-4.5 at 32.9B or more.
+    The KV cache figures are what the architecture needs in bfloat16: every layer is full attention.
+    """
+    with torch.device("meta"):
+        model = Model(config)
+    total = sum(p.numel() for p in model.parameters())
+    moe_layers = [layer.mlp for layer in model.layers if isinstance(layer.mlp, MoE)]
+    routed = sum(p.numel() for moe in moe_layers for p in moe.experts.parameters())
+    used_routed = routed * config.num_experts_per_tok // config.n_routed_experts
+    embedding_and_head = sum(p.numel() for p in model.embed_tokens.parameters())
+    if model.lm_head is not None:
+        embedding_and_head += model.lm_head.weight.numel()
+    kv_per_token = config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * BFLOAT16_BYTES  # keys and values
+    dense = config.num_hidden_layers - len(moe_layers)
+    qk_norm = ", QK-norm" if config.use_qk_norm else ""
+    return {
+        "family": "GLM-4.5",
+        "total_parameters": total,
+        "active_parameters": total - routed + used_routed - embedding_and_head,
+        "layers": (
+            f"{config.num_hidden_layers}: all full attention; {dense} dense, {len(moe_layers)} MoE "
+            f"({config.n_routed_experts} routed experts, top {config.num_experts_per_tok}, {config.n_shared_experts} shared)"
+        ),
+        "attention": (
+            f"GQA, {config.num_attention_heads} query / {config.num_key_value_heads} KV heads of {config.head_dim}, "
+            f"RoPE on {config.rotary_dim} dims{qk_norm}"
+        ),
+        "kv_bytes_per_token": kv_per_token,
+        "kv_bytes_long_context": kv_per_token * LONG_CONTEXT,
+        "weight_bytes": total * DTYPE_BYTES.get(config.dtype, BFLOAT16_BYTES),
+        "weight_format": config.dtype,
+    }
+
+
+def format_description(description: dict) -> str:
+    def gigabytes(n: int) -> str:
+        return f"{n / 1e9:.2f} GB"
+
+    lines = [
+        f"{description['family']}",
+        f"parameters:          {description['total_parameters'] / 1e9:.2f} B total, {description['active_parameters'] / 1e9:.2f} B active per token",
+        f"layers:              {description['layers']}",
+        f"attention:           {description['attention']}",
+        f"KV cache (bfloat16): {description['kv_bytes_per_token']:,} bytes per token past the windows; {gigabytes(description['kv_bytes_long_context'])} at {LONG_CONTEXT:,} tokens",
+        f"weights as published: {gigabytes(description['weight_bytes'])} ({description['weight_format']})",
+    ]
+    return "\n".join(lines)
+
+
+def read_config_only(model: str | None) -> Config:
+    """The Config of a folder or hub repo, fetching config.json alone; the flagship's defaults without `model`."""
+    if model is None:
+        return Config()
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return read_config(path)[0]
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        raw = json.loads(Path(hf_hub_download(model, "config.json")).read_text())
+    except (LocalEntryNotFoundError, HfHubHTTPError) as error:
+        raise UserError(f"cannot read config.json of {model}: {str(error).splitlines()[0]}") from None
+    check_architecture(raw, model)
+    return Config.from_hf(raw)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -731,7 +865,7 @@ def pick_dtype(name: str, config: Config, device: torch.device) -> torch.dtype:
 def stop_tokens(config: Config, generation: dict, tokenizer: Tokenizer, chat: bool) -> set[int]:
     """Token ids that end generation: generation_config.json's EOS list (else config.json's), plus <|user|> when chatting."""
     eos = generation.get("eos_token_id", config.eos_token_id)
-    stops = set(eos if isinstance(eos, list) else [eos])
+    stops = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
     end_of_turn = tokenizer.token_id(END_OF_TURN)
     if chat and end_of_turn is not None:
         stops.add(end_of_turn)
@@ -755,9 +889,9 @@ def sampling_settings(args: argparse.Namespace, generation: dict) -> tuple[float
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Generate text with a GLM-4.5, GLM-4.5-Air or GLM-4.6 checkpoint.")
-    parser.add_argument("--prompt", required=True, help="the prompt (with --chat: the user message)")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"hub repo id or local folder (default: {DEFAULT_MODEL})")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default: 128)")
+    parser.add_argument("--prompt", help="the prompt (with --chat: the user message); required unless --interactive")
+    parser.add_argument("--model", default=None, help=f"hub repo id or local folder (default: {DEFAULT_MODEL})")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most, per reply with --interactive (default: 128)")
     parser.add_argument("--temperature", type=float, default=None, help="0 is greedy; default: the checkpoint's generation_config.json, else 0")
     parser.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens, 0 for all; default: generation_config.json, else 0")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]; default: generation_config.json, else 1")
@@ -765,17 +899,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="default: the checkpoint's dtype (float32 for float16 on CPU)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
+    parser.add_argument("--interactive", action="store_true", help=f"multi-turn chat in the terminal; {CLEAR_COMMAND} starts over, Ctrl-D or Ctrl-C quits")
+    parser.add_argument("--info", action="store_true", help="print sizes computed from the config without loading weights (default: the flagship checkpoint)")
     return parser.parse_args(argv)
 
 
-def run(args: argparse.Namespace) -> None:
-    if not args.prompt.strip():
-        raise UserError("--prompt is empty; give some text to continue")
+CLEAR_COMMAND = "/clear"
+
+
+@dataclass
+class Session:
+    """A loaded checkpoint and the settings every generation call of the CLI shares."""
+
+    model: Model
+    tokenizer: Tokenizer
+    config: Config
+    max_new_tokens: int
+    sampling: tuple[float, int, float]  # temperature, top-k, top-p
+    stop_tokens: set[int]
+    seed: int | None
+
+    load_seconds: float
+
+    def check_fits(self, prompt_length: int) -> None:
+        context = self.config.max_position_embeddings
+        if prompt_length + self.max_new_tokens > context:
+            raise UserError(
+                f"prompt ({prompt_length} tokens) plus --max-new-tokens {self.max_new_tokens} exceeds the context of "
+                f"{context} tokens; shorten the prompt or lower --max-new-tokens"
+            )
+
+    def generate(self, prompt: list[int], cache: KVCache | None = None, start_pos: int = 0) -> Iterator[int]:
+        self.check_fits(start_pos + len(prompt))
+        return generate(self.model, prompt, self.max_new_tokens, *self.sampling, self.stop_tokens, self.seed, cache, start_pos)
+
+
+def load_session(args: argparse.Namespace) -> Session:
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
     folder = resolve_checkpoint(args.model)
     config, generation = read_config(folder)
-    temperature, top_k, top_p = sampling_settings(args, generation)
+    sampling = sampling_settings(args, generation)
+    if args.max_new_tokens >= config.max_position_embeddings:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the context of {config.max_position_embeddings} tokens")
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, config, device)
 
@@ -784,28 +950,125 @@ def run(args: argparse.Namespace) -> None:
         tokenizer_job = pool.submit(Tokenizer, folder)
         model = load_model(folder, config, device, dtype)
         tokenizer = tokenizer_job.result()
-    prompt = tokenizer.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat else tokenizer.encode(args.prompt)
-    if len(prompt) + args.max_new_tokens > config.max_position_embeddings:
-        raise UserError(
-            f"prompt ({len(prompt)} tokens) plus --max-new-tokens {args.max_new_tokens} exceeds the context of "
-            f"{config.max_position_embeddings} tokens; shorten the prompt or lower --max-new-tokens"
-        )
-    log(f"loaded {folder} in {time.perf_counter() - started:.1f}s ({dtype}, {device})")
+    chat = args.chat or args.interactive
+    stops = stop_tokens(config, generation, tokenizer, chat)
+    return Session(model, tokenizer, config, args.max_new_tokens, sampling, stops, args.seed, time.perf_counter() - started)
 
-    stream = StreamDecoder(tokenizer)
-    tokens = generate(model, prompt, args.max_new_tokens, temperature, top_k, top_p, stop_tokens(config, generation, tokenizer, args.chat), args.seed)
+
+def log_loaded(session: Session, folder: str) -> None:
+    weight = session.model.embed_tokens.weight
+    log(f"loaded {folder} in {session.load_seconds:.1f}s ({weight.dtype}, {weight.device})")
+
+
+def stream_reply(session: Session, tokens: Iterator[int]) -> tuple[list[int], float, float]:
+    """Print the tokens as text while they arrive; return them with the prefill and decode seconds."""
+    stream = StreamDecoder(session.tokenizer)
+    reply: list[int] = []
     started = time.perf_counter()
-    count = 0
+    prefill_seconds = 0.0
     for token in tokens:
-        if count == 0:
+        if not reply:
             prefill_seconds = time.perf_counter() - started
             started = time.perf_counter()
-        count += 1
+        reply.append(token)
         print(stream.push(token), end="", flush=True)
-    decode_seconds = time.perf_counter() - started
-    print()
-    decode_rate = f"{(count - 1) / decode_seconds:.1f} tokens/s" if count > 1 else "n/a"
-    log(f"prompt: {len(prompt)} tokens, {len(prompt) / prefill_seconds:.1f} tokens/s; generation: {count} tokens, {decode_rate}")
+    print(stream.flush())
+    return reply, prefill_seconds, time.perf_counter() - started
+
+
+def complete(session: Session, args: argparse.Namespace) -> None:
+    tokenizer = session.tokenizer
+    prompt = tokenizer.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat else tokenizer.encode(args.prompt)
+    session.check_fits(len(prompt))
+    log_loaded(session, args.model)
+    reply, prefill_seconds, decode_seconds = stream_reply(session, session.generate(prompt))
+    decode_rate = f"{(len(reply) - 1) / decode_seconds:.1f} tokens/s" if len(reply) > 1 else "n/a"
+    log(f"prompt: {len(prompt)} tokens, {len(prompt) / prefill_seconds:.1f} tokens/s; generation: {len(reply)} tokens, {decode_rate}")
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    length = 0
+    while length < min(len(a), len(b)) and a[length] == b[length]:
+        length += 1
+    return length
+
+
+class Chat:
+    """A conversation whose KV cache survives between turns, so each turn prefills only its new tokens.
+
+    Each turn renders the whole conversation with the chat template, then reuses the cached
+    positions that the new rendering shares with the ids already in the cache. The template may
+    render an earlier reply differently from the ids the model produced (for example with thinking
+    removed); the cache is then reused up to the first difference.
+    """
+
+    def __init__(self, session: Session):
+        self.session = session
+        self.clear()
+
+    def clear(self) -> None:
+        self.messages: list[dict] = []
+        self.cache: KVCache | None = None
+        self.cached: list[int] = []  # ids whose keys and values the cache holds, from position 0
+
+    def reply(self, text: str) -> Iterator[int]:
+        """Add a user message and yield the reply's token ids as they are generated."""
+        self.messages.append({"role": "user", "content": text})
+        ids = self.session.tokenizer.encode_chat(self.messages)
+        reused = common_prefix(self.cached, ids)
+        if reused == len(ids):  # at least one token must be prefilled to get logits
+            reused -= 1
+        if self.cache is None:
+            model = self.session.model
+            self.cache = KVCache(model.config, 1, len(ids) + self.session.max_new_tokens, model.embed_tokens.weight.dtype, model.embed_tokens.weight.device)
+        reply: list[int] = []
+        for token in self.session.generate(ids[reused:], self.cache, start_pos=reused):
+            reply.append(token)
+            yield token
+        # The last reply token was yielded but never fed back, so the cache ends just before it.
+        self.cached = ids + reply[:-1]
+        text_ids = [t for t in reply if t not in self.session.stop_tokens]
+        self.messages.append({"role": "assistant", "content": self.session.tokenizer.decode(text_ids)})
+
+
+def interactive(session: Session) -> None:
+    chat = Chat(session)
+    log(f"interactive chat: {CLEAR_COMMAND} starts over, Ctrl-D or Ctrl-C quits")
+    while True:
+        try:
+            text = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if text.strip() == CLEAR_COMMAND:
+            chat.clear()
+            log("conversation cleared")
+            continue
+        if not text.strip():
+            continue
+        try:
+            stream_reply(session, chat.reply(text))
+        except KeyboardInterrupt:  # stop this reply, keep the session
+            print()
+            chat.clear()
+            log("reply interrupted; conversation cleared")
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.info:
+        print(format_description(describe(read_config_only(args.model))))
+        return
+    args.model = args.model or DEFAULT_MODEL
+    if args.prompt is None and not args.interactive:
+        raise UserError("--prompt is required (or use --interactive)")
+    if args.prompt is not None and not args.prompt.strip():
+        raise UserError("--prompt is empty; give some text to continue")
+    session = load_session(args)
+    if args.interactive:
+        log_loaded(session, args.model)
+        interactive(session)
+    else:
+        complete(session, args)
 
 
 def main(argv: list[str] | None = None) -> int:
