@@ -2436,10 +2436,30 @@ def test_gemma3_interactive_second_turn_matches_full_render(gemma3_chat_folder):
     assert chat.messages[-1]["role"] == "assistant"
 
 
+MODULES = sorted({case.module for case in CASES.values()} | {"grok2_5"})
+
+
+@pytest.mark.parametrize("module_name", MODULES)
+def test_sampling_defaults_come_from_generation_config(module_name, capsys):
+    module = importlib.import_module(module_name)
+    generation = {"do_sample": True, "temperature": 0.6, "top_k": 20, "top_p": 0.95}
+    plain = module.parse_args(["--prompt", "hi"])
+    assert module.sampling_settings(plain, generation) == (0.6, 20, 0.95)
+    assert module.sampling_settings(plain, {}) == (0.0, 0, 1.0)
+    # Without do_sample, transformers decodes greedily whatever the other fields say.
+    assert module.sampling_settings(plain, {"temperature": 0.6, "top_k": 20}) == (0.0, 0, 1.0)
+    flags = module.parse_args(["--prompt", "hi", "--temperature", "0", "--top-k", "5"])
+    assert module.sampling_settings(flags, generation) == (0.0, 5, 0.95)
+
+    with pytest.raises(SystemExit):
+        module.parse_args(["--help"])
+    assert "generation_config.json" in capsys.readouterr().out
+
+
 STREAM_TEXT = "Tokyo 東京 and 北京, café ☕, emoji 🎉👍🏽 done."
 
 
-@pytest.mark.parametrize("module_name", sorted({case.module for case in CASES.values()}))
+@pytest.mark.parametrize("module_name", MODULES)
 def test_stream_decoder_holds_back_partial_characters(module_name):
     """Byte-level BPE splits CJK characters and emoji across tokens; the stream must never show half of one."""
     module = importlib.import_module(module_name)
