@@ -103,7 +103,7 @@ def run_transformers(folder: Path, dtype_name: str, prompt_len: int, new_tokens:
 
 
 def precision_gguf(name: str, dtype_name: str) -> Path:
-    """The shipped GGUF of checkpoint `name` rewritten by llama.cpp at float32 or bfloat16 (cached)."""
+    """Return the shipped GGUF of checkpoint `name` rewritten by llama.cpp at float32 or bfloat16, written once."""
     import convert_gguf
     import llama_cpp
 
