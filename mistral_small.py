@@ -606,7 +606,7 @@ class Tokenizer:
         `template_variables` reach the template as is (for example enable_thinking=False).
         """
         if not self.chat_template:
-            raise UserError("this checkpoint has no chat template (chat_template.jinja, tokenizer_config.json or chat_template.json); drop --chat")
+            raise UserError("this checkpoint has no chat template (chat_template.jinja, tokenizer_config.json or chat_template.json); drop --chat and --interactive")
         from jinja2 import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -700,6 +700,8 @@ class KVCache:
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None) -> int:
     """Pick the next token from a (vocab,) logit vector: argmax at temperature 0, else top-k/top-p sampling."""
+    if not torch.isfinite(logits).all():
+        raise UserError(f"the logits contain NaN or infinity ({logits.dtype}): the activations overflow; use --dtype bfloat16 or float32")
     if temperature == 0:
         return int(logits.argmax())
     logits = logits.float() / temperature
@@ -885,7 +887,7 @@ def sampling_settings(args: argparse.Namespace, generation: dict) -> tuple[float
     temperature = args.temperature if args.temperature is not None else (generation.get("temperature", 1.0) if samples else 0.0)
     top_k = args.top_k if args.top_k is not None else (generation.get("top_k", 0) if samples else 0)
     top_p = args.top_p if args.top_p is not None else (generation.get("top_p", 1.0) if samples else 1.0)
-    if temperature < 0:
+    if not temperature >= 0:  # also rejects NaN
         raise UserError(f"--temperature {temperature}: must be >= 0 (0 is greedy)")
     if top_k < 0:
         raise UserError(f"--top-k {top_k}: must be >= 0 (0 keeps every token)")
@@ -1059,6 +1061,11 @@ def interactive(session: Session) -> None:
             print()
             chat.clear()
             log("reply interrupted; conversation cleared")
+        except UserError as error:  # for example the conversation no longer fits the context
+            print()
+            log(f"error: {error}; {CLEAR_COMMAND} starts a new conversation")
+            chat.messages.pop()  # forget the turn that failed; its partial reply may have overwritten cached positions
+            chat.cache, chat.cached = None, []
 
 
 def run(args: argparse.Namespace) -> None:

@@ -844,6 +844,7 @@ def test_cli_rejects_bad_input(name, checkpoints, capsys, tmp_path, other_family
     ok = ["--model", str(folder), "--device", "cpu"]
     assert "empty" in cli_error(module, capsys, *ok, "--prompt", "  ")
     assert "--temperature" in cli_error(module, capsys, *ok, "--prompt", "hi", "--temperature", "-1")
+    assert "--temperature" in cli_error(module, capsys, *ok, "--prompt", "hi", "--temperature", "nan")
     assert "--top-p" in cli_error(module, capsys, *ok, "--prompt", "hi", "--top-p", "0")
     assert "--top-k" in cli_error(module, capsys, *ok, "--prompt", "hi", "--top-k", "-5")
     assert "--max-new-tokens" in cli_error(module, capsys, *ok, "--prompt", "hi", "--max-new-tokens", "0")
@@ -2456,6 +2457,15 @@ def test_sampling_defaults_come_from_generation_config(module_name, capsys):
     assert "generation_config.json" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("module_name", MODULES)
+def test_overflowed_logits_raise(module_name):
+    """A model that overflows (Gemma in float16, for one) must stop with an error, not print padding."""
+    module = importlib.import_module(module_name)
+    logits = torch.tensor([0.5, float("nan"), 1.0])
+    with pytest.raises(module.UserError, match="NaN or infinity"):
+        module.sample(logits, 0.0, 0, 1.0, None)
+
+
 STREAM_TEXT = "Tokyo 東京 and 北京, café ☕, emoji 🎉👍🏽 done."
 
 
@@ -3769,6 +3779,7 @@ def test_grok2_5_cli_rejects_bad_input(grok_checkpoint, capsys, tmp_path, other_
     ok = ["--model", str(folder), "--device", "cpu"]
     assert "empty" in cli_error(module, capsys, *ok, "--prompt", "  ")
     assert "--temperature" in cli_error(module, capsys, *ok, "--prompt", "hi", "--temperature", "-1")
+    assert "--temperature" in cli_error(module, capsys, *ok, "--prompt", "hi", "--temperature", "nan")
     assert "--top-p" in cli_error(module, capsys, *ok, "--prompt", "hi", "--top-p", "0")
     assert "--top-k" in cli_error(module, capsys, *ok, "--prompt", "hi", "--top-k", "-5")
     assert "--max-new-tokens" in cli_error(module, capsys, *ok, "--prompt", "hi", "--max-new-tokens", "0")
