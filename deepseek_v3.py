@@ -1020,7 +1020,7 @@ def format_description(description: dict) -> str:
         f"parameters:          {description['total_parameters'] / 1e9:.2f} B total, {description['active_parameters'] / 1e9:.2f} B active per token",
         f"layers:              {description['layers']}",
         f"attention:           {description['attention']}",
-        f"KV cache (bfloat16): {description['kv_bytes_per_token']:,} bytes per token past the windows; {gigabytes(description['kv_bytes_long_context'])} at {LONG_CONTEXT:,} tokens",
+        f"KV cache (bfloat16): {description['kv_bytes_per_token']:,} bytes per token of context (window layers capped at their window); {gigabytes(description['kv_bytes_long_context'])} at {LONG_CONTEXT:,} tokens",
         f"weights as published: {gigabytes(description['weight_bytes'])} ({description['weight_format']})",
     ]
     return "\n".join(lines)
