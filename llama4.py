@@ -27,7 +27,6 @@ import json
 import math
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
@@ -998,6 +997,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 CLEAR_COMMAND = "/clear"
 
 
+def check_context(config: Config, prompt_length: int, max_new_tokens: int) -> None:
+    if prompt_length + max_new_tokens > config.max_position_embeddings:
+        raise UserError(
+            f"prompt ({prompt_length} tokens) plus --max-new-tokens {max_new_tokens} exceeds the context of "
+            f"{config.max_position_embeddings} tokens; shorten the prompt or lower --max-new-tokens"
+        )
+
+
 @dataclass
 class Session:
     """A loaded checkpoint and the settings every generation call of the CLI shares."""
@@ -1013,12 +1020,7 @@ class Session:
     load_seconds: float
 
     def check_fits(self, prompt_length: int) -> None:
-        context = self.config.max_position_embeddings
-        if prompt_length + self.max_new_tokens > context:
-            raise UserError(
-                f"prompt ({prompt_length} tokens) plus --max-new-tokens {self.max_new_tokens} exceeds the context of "
-                f"{context} tokens; shorten the prompt or lower --max-new-tokens"
-            )
+        check_context(self.config, prompt_length, self.max_new_tokens)
 
     def generate(self, prompt: list[int], cache: KVCache | None = None, start_pos: int = 0) -> Iterator[int]:
         self.check_fits(start_pos + len(prompt))
@@ -1037,10 +1039,16 @@ def load_session(args: argparse.Namespace) -> Session:
     dtype = pick_dtype(args.dtype, config, device)
 
     started = time.perf_counter()
-    with ThreadPoolExecutor(1) as pool:  # the tokenizer loads while the weights do
-        tokenizer_job = pool.submit(Tokenizer, folder)
-        model = load_model(folder, config, device, dtype)
-        tokenizer = tokenizer_job.result()
+    # The tokenizer comes first, so that a checkpoint without a chat template or a prompt too long
+    # for the context fails before the weights are read (hundreds of gigabytes for some families).
+    checkpoint_files(folder)  # a folder without weights fails here, before anything is read
+    tokenizer = Tokenizer(folder)
+    if (args.chat or args.interactive) and not tokenizer.chat_template:
+        raise UserError(f"{folder} has no chat template (chat_template.jinja or tokenizer_config.json); drop --chat and --interactive")
+    if args.prompt is not None:
+        # The plain encoding is a lower bound of the chat-rendered one, so this check is safe early.
+        check_context(config, len(tokenizer.encode(args.prompt)), args.max_new_tokens)
+    model = load_model(folder, config, device, dtype)
     chat = args.chat or args.interactive
     stops = stop_tokens(config, generation, tokenizer, chat)
     return Session(model, tokenizer, config, args.max_new_tokens, sampling, stops, args.seed, time.perf_counter() - started)
