@@ -53,8 +53,10 @@ def run_ours(file: str, folder: Path, dtype_name: str, prompt_len: int, new_toke
     start = time.perf_counter()
     config, _ = module.read_config(folder)
     dtype = module.DTYPES[dtype_name]
-    model = module.load_model(folder, config, torch.device("cpu"), dtype)
+    # The same order as the model files' command line: tokenizer first, its freed memory returned.
     tokenizer = module.Tokenizer(folder)
+    module.release_freed_memory()
+    model = module.load_model(folder, config, torch.device("cpu"), dtype)
     load_seconds = time.perf_counter() - start
 
     prompt = prompt_ids(tokenizer.encode, prompt_len)
