@@ -307,7 +307,7 @@ class Attention(nn.Module):
             S = k.shape[1]
             mask = self.causal_mask(start_pos, end_pos, S, x.device)
             q = torch.cat((q_nope, q_rope), dim=-1)
-            # One decoded token sees every key it is given, so it needs no mask.
+            # One decoded token attends to every key it is given, so it needs no mask.
             attn_mask = None if mask.all() else mask
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask, scale=self.scale)
             out = out.transpose(1, 2)  # (B, T, nh, dv)
@@ -722,7 +722,7 @@ def load_model(folder: Path, config: Config, device: torch.device, dtype: torch.
 
 
 def use_column_major(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether to store a weight column-major: float32 matrices on the CPU, nothing else.
+    """Return whether to store a weight column-major: only float32 matrices on the CPU.
 
     A matrix-vector product reads a column-major float32 (out, in) weight about twice as fast as a
     row-major one with this torch on x86 CPUs (measured: 21 GB/s against 11 GB/s for the 262144 x 640
@@ -918,7 +918,7 @@ def generate(
 ) -> Iterator[int]:
     """Yield new token ids: one prefill pass over the prompt, then one decode pass per token.
 
-    With a `cache` that already holds positions 0 .. start_pos - 1 (an earlier turn of a chat),
+    With a `cache` that already contains positions 0 .. start_pos - 1 (an earlier turn of a chat),
     `prompt` continues from start_pos and only it is prefilled. The last token yielded is not
     written to the cache.
     """
@@ -1027,7 +1027,7 @@ def format_description(description: dict) -> str:
 
 
 def read_config_only(model: str | None) -> Config:
-    """The Config of a folder or hub repo, fetching config.json alone; the flagship's defaults without `model`."""
+    """Return the Config of a folder or hub repo, fetching config.json alone (the flagship's defaults without `model`)."""
     if model is None:
         return Config()
     path = Path(model).expanduser()
@@ -1230,8 +1230,8 @@ class Chat:
 
     Each turn renders the whole conversation with the chat template, then reuses the cached
     positions that the new rendering shares with the ids already in the cache. The template may
-    render an earlier reply differently from the ids the model produced (for example with thinking
-    removed); the cache is then reused up to the first difference.
+    render an earlier reply differently from the ids the model produced, for example with thinking
+    removed. The cache is then reused up to the first difference.
     """
 
     def __init__(self, session: Session):

@@ -55,9 +55,9 @@ TRANSFORMERS_DEFAULTS = {
 class Config:
     """Hyperparameters of the text model; field names follow the checkpoint's config.json.
 
-    The defaults describe the family's flagship, the text model of google/gemma-3-27b-it (NOTE: its
-    values are from the published config.json as recalled here, not read from the gated hub file;
-    the parameter-count test checks them against Google's published size).
+    The defaults describe the family's flagship, the text model of google/gemma-3-27b-it.
+    NOTE: these values were written from the published config.json without access to the gated
+    file, so the parameter-count test checks them against Google's published size.
     """
 
     # sizes
@@ -207,13 +207,13 @@ class Attention(nn.Module):
         k_pos = torch.arange(first_key, end_pos, device=x.device)[None, :]
         mask = k_pos <= q_pos  # (T, S) causal
         if self.window is not None:
-            mask &= k_pos > q_pos - self.window  # the window holds `window` keys, the query's own included
+            mask &= k_pos > q_pos - self.window  # the window contains `window` keys, the query's own included
         out = self.attend(q, k, v, mask)  # (B, nh, T, hd)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.softcap is None:
-            # One decoded token sees every key it is given, so it needs no mask.
+            # One decoded token attends to every key it is given, so it needs no mask.
             attn_mask = None if mask.all() else mask
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale, enable_gqa=True)
         # Soft-capping bends the scores before the softmax, which the fused kernel cannot do.
@@ -505,7 +505,7 @@ def load_model(folder: Path, config: Config, device: torch.device, dtype: torch.
 
 
 def use_column_major(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether to store a weight column-major: float32 matrices on the CPU, nothing else.
+    """Return whether to store a weight column-major: only float32 matrices on the CPU.
 
     A matrix-vector product reads a column-major float32 (out, in) weight about twice as fast as a
     row-major one with this torch on x86 CPUs (measured: 21 GB/s against 11 GB/s for the 262144 x 640
@@ -686,7 +686,7 @@ def generate(
 ) -> Iterator[int]:
     """Yield new token ids: one prefill pass over the prompt, then one decode pass per token.
 
-    With a `cache` that already holds positions 0 .. start_pos - 1 (an earlier turn of a chat),
+    With a `cache` that already contains positions 0 .. start_pos - 1 (an earlier turn of a chat),
     `prompt` continues from start_pos and only it is prefilled. The last token yielded is not
     written to the cache.
     """
@@ -758,7 +758,7 @@ def format_description(description: dict) -> str:
 
 
 def read_config_only(model: str | None) -> Config:
-    """The Config of a folder or hub repo, fetching config.json alone; the flagship's defaults without `model`."""
+    """Return the Config of a folder or hub repo, fetching config.json alone (the flagship's defaults without `model`)."""
     if model is None:
         return Config()
     path = Path(model).expanduser()
@@ -961,8 +961,8 @@ class Chat:
 
     Each turn renders the whole conversation with the chat template, then reuses the cached
     positions that the new rendering shares with the ids already in the cache. The template may
-    render an earlier reply differently from the ids the model produced (for example with thinking
-    removed); the cache is then reused up to the first difference.
+    render an earlier reply differently from the ids the model produced, for example with thinking
+    removed. The cache is then reused up to the first difference.
     """
 
     def __init__(self, session: Session):

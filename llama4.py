@@ -1,7 +1,7 @@
 """Llama 4 text model in one file: config, layers, checkpoint loading, tokenizer, generation, CLI.
 
 Llama 4 (Meta, "The Llama 4 herd", 2025) is a decoder-only mixture-of-experts transformer with:
-- "iRoPE": most layers use RoPE with chunked local attention (a query sees only the keys of its own
+- "iRoPE": most layers use RoPE with chunked local attention (a query attends only to the keys of its own
   chunk of `attention_chunk_size` positions). Every fourth layer has no position encoding at all
   (NoPE) and attends to the whole causal context;
 - RoPE rotating interleaved pairs (x[2i], x[2i+1]), with llama3 frequency scaling;
@@ -290,7 +290,7 @@ class Attention(nn.Module):
         mask = k_pos <= q_pos  # (T, S) causal
         if self.chunk is not None:
             mask &= k_pos // self.chunk == q_pos // self.chunk  # chunks are fixed blocks of positions, not a sliding window
-        # One decoded token sees every key it is given, so it needs no mask.
+        # One decoded token attends to every key it is given, so it needs no mask.
         attn_mask = None if mask.all() else mask
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale, enable_gqa=True)  # (B, nh, T, hd)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
@@ -622,7 +622,7 @@ def load_model(folder: Path, config: Config, device: torch.device, dtype: torch.
 
 
 def use_column_major(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether to store a weight column-major: float32 matrices on the CPU, nothing else.
+    """Return whether to store a weight column-major: only float32 matrices on the CPU.
 
     A matrix-vector product reads a column-major float32 (out, in) weight about twice as fast as a
     row-major one with this torch on x86 CPUs (measured: 21 GB/s against 11 GB/s for the 262144 x 640
@@ -811,7 +811,7 @@ def generate(
 ) -> Iterator[int]:
     """Yield new token ids: one prefill pass over the prompt, then one decode pass per token.
 
-    With a `cache` that already holds positions 0 .. start_pos - 1 (an earlier turn of a chat),
+    With a `cache` that already contains positions 0 .. start_pos - 1 (an earlier turn of a chat),
     `prompt` continues from start_pos and only it is prefilled. The last token yielded is not
     written to the cache.
     """
@@ -908,7 +908,7 @@ def format_description(description: dict) -> str:
 
 
 def read_config_only(model: str | None) -> Config:
-    """The Config of a folder or hub repo, fetching config.json alone; the flagship's defaults without `model`."""
+    """Return the Config of a folder or hub repo, fetching config.json alone (the flagship's defaults without `model`)."""
     if model is None:
         return Config()
     path = Path(model).expanduser()
@@ -1111,8 +1111,8 @@ class Chat:
 
     Each turn renders the whole conversation with the chat template, then reuses the cached
     positions that the new rendering shares with the ids already in the cache. The template may
-    render an earlier reply differently from the ids the model produced (for example with thinking
-    removed); the cache is then reused up to the first difference.
+    render an earlier reply differently from the ids the model produced, for example with thinking
+    removed. The cache is then reused up to the first difference.
     """
 
     def __init__(self, session: Session):

@@ -828,7 +828,7 @@ def load_model(folder: Path, config: Config, device: torch.device, dtype: torch.
 
 
 def use_column_major(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether to store a weight column-major: float32 matrices on the CPU, nothing else.
+    """Return whether to store a weight column-major: only float32 matrices on the CPU.
 
     A matrix-vector product reads a column-major float32 (out, in) weight about twice as fast as a
     row-major one with this torch on x86 CPUs (measured: 21 GB/s against 11 GB/s for the 262144 x 640
@@ -1009,7 +1009,7 @@ def generate(
 ) -> Iterator[int]:
     """Yield new token ids: one prefill pass over the prompt, then one decode pass per token.
 
-    With a `cache` that already holds positions 0 .. start_pos - 1 (an earlier turn of a chat),
+    With a `cache` that already contains positions 0 .. start_pos - 1 (an earlier turn of a chat),
     `prompt` continues from start_pos and only it is prefilled. The last token yielded is not
     written to the cache.
     """
@@ -1097,7 +1097,7 @@ def format_description(description: dict) -> str:
 
 
 def read_config_only(model: str | None) -> Config:
-    """The Config of a folder or hub repo, fetching config.json alone; the flagship's defaults without `model`."""
+    """Return the Config of a folder or hub repo, fetching config.json alone (the flagship's defaults without `model`)."""
     if model is None:
         return Config()
     path = Path(model).expanduser()
@@ -1319,8 +1319,8 @@ class Chat:
 
     Each turn renders the whole conversation with the chat template, then reuses the cached
     positions that the new rendering shares with the ids already in the cache. The template may
-    render an earlier reply differently from the ids the model produced (for example with thinking
-    removed); the cache is then reused up to the first difference.
+    render an earlier reply differently from the ids the model produced, for example with thinking
+    removed. The cache is then reused up to the first difference.
     """
 
     def __init__(self, session: Session):

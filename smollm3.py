@@ -143,7 +143,7 @@ class Config:
         defaults = LLAMA_DEFAULTS if model_type == "llama" else SMOLLM3_DEFAULTS
         text = {**defaults, **{k: v for k, v in text.items() if v is not None or k in MEANINGFUL_NONE}}
         if model_type == "llama":
-            # LlamaForCausalLM rotates every layer and has no sliding window, whatever else the file says.
+            # LlamaForCausalLM rotates every layer and has no sliding window, whatever else the file contains.
             for key in ("no_rope_layers", "layer_types", "sliding_window", "use_sliding_window"):
                 text.pop(key, None)
             text["no_rope_layers"] = [1] * text["num_hidden_layers"]
@@ -201,7 +201,7 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(config: Config) -> torch.Tensor:
-    """Inverse frequencies theta^(-2i/d) of RoPE (Su et al., 2021), rescaled as config.rope_scaling says."""
+    """Inverse frequencies theta^(-2i/d) of RoPE (Su et al., 2021), rescaled as config.rope_scaling specifies."""
     dim = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     scaling = config.rope_scaling or {"rope_type": "default"}
@@ -261,7 +261,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         if self.use_rope:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        # A NoPE layer sees positions only through the causal mask: its keys are cached unrotated.
+        # A NoPE layer gets positions only through the causal mask: its keys are cached unrotated.
 
         # Keys before `first_key` are outside every new query's window, so they are not read at all.
         end_pos = start_pos + T
@@ -272,8 +272,8 @@ class Attention(nn.Module):
         k_pos = torch.arange(first_key, end_pos, device=x.device)[None, :]
         mask = k_pos <= q_pos  # (T, S) causal
         if self.window is not None:
-            mask &= k_pos > q_pos - self.window  # the window holds `window` keys, the query's own included
-        # One decoded token sees every key it is given, so it needs no mask.
+            mask &= k_pos > q_pos - self.window  # the window contains `window` keys, the query's own included
+        # One decoded token attends to every key it is given, so it needs no mask.
         attn_mask = None if mask.all() else mask
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale, enable_gqa=True)  # (B, nh, T, hd)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
@@ -427,7 +427,7 @@ def checkpoint_files(folder: Path) -> list[Path]:
 def parameter_name(key: str, config: Config) -> str | None:
     """Map a checkpoint tensor name to this file's parameter name; None means the tensor is not used."""
     if key == LM_HEAD_KEY:
-        # A tied checkpoint that still stores the head (some Llama exports do) holds a copy of the embedding.
+        # A tied checkpoint that still stores the head (some Llama exports do) contains a copy of the embedding.
         return None if config.tie_word_embeddings else "lm_head.weight"
     if key.endswith(ROPE_BUFFER_SUFFIX):
         return None
@@ -537,7 +537,7 @@ def load_model(folder: Path, config: Config, device: torch.device, dtype: torch.
 
 
 def use_column_major(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether to store a weight column-major: float32 matrices on the CPU, nothing else.
+    """Return whether to store a weight column-major: only float32 matrices on the CPU.
 
     A matrix-vector product reads a column-major float32 (out, in) weight about twice as fast as a
     row-major one with this torch on x86 CPUs (measured: 21 GB/s against 11 GB/s for Gemma 3's
@@ -593,7 +593,7 @@ class Tokenizer:
 
         The template writes any <bos> itself, so the text is encoded without special tokens.
         `template_variables` reach the template as is: SmolLM3's reads enable_thinking (default
-        true: the answer starts with a <think> section), custom_instructions, xml_tools and python_tools.
+        true: the reply starts with a <think> section), custom_instructions, xml_tools and python_tools.
         """
         if not self.chat_template:
             raise UserError("this checkpoint has no chat template (chat_template.jinja or tokenizer_config.json); drop --chat and --interactive")
@@ -752,7 +752,7 @@ def generate(
 ) -> Iterator[int]:
     """Yield new token ids: one prefill pass over the prompt, then one decode pass per token.
 
-    With a `cache` that already holds positions 0 .. start_pos - 1 (an earlier turn of a chat),
+    With a `cache` that already contains positions 0 .. start_pos - 1 (an earlier turn of a chat),
     `prompt` continues from start_pos and only it is prefilled. The last token yielded is not
     written to the cache.
     """
@@ -831,7 +831,7 @@ def format_description(description: dict) -> str:
 
 
 def read_config_only(model: str | None) -> Config:
-    """The Config of a folder or hub repo, fetching config.json alone; the flagship's defaults without `model`."""
+    """Return the Config of a folder or hub repo, fetching config.json alone (the flagship's defaults without `model`)."""
     if model is None:
         return Config()
     path = Path(model).expanduser()
@@ -1034,8 +1034,8 @@ class Chat:
 
     Each turn renders the whole conversation with the chat template, then reuses the cached
     positions that the new rendering shares with the ids already in the cache. The template may
-    render an earlier reply differently from the ids the model produced (for example with thinking
-    removed); the cache is then reused up to the first difference.
+    render an earlier reply differently from the ids the model produced, for example with thinking
+    removed. The cache is then reused up to the first difference.
     """
 
     def __init__(self, session: Session):

@@ -641,7 +641,7 @@ def build_kimi2():
     save_pretrained = model.save_pretrained
 
     def save_with_hub_config(folder, **kwargs):
-        # save_pretrained writes model_type deepseek_v3 and rope_parameters; the hub file says kimi_k2 and rope_scaling.
+        # save_pretrained writes model_type deepseek_v3 and rope_parameters, but the hub file has kimi_k2 and rope_scaling.
         save_pretrained(folder, **kwargs)
         (Path(folder) / "config.json").write_text(json.dumps(hub_config, indent=2))
 
@@ -815,7 +815,8 @@ def cli_error(module, capsys, *argv) -> str:
     err = capsys.readouterr().err.strip()
     assert status == 2, err
     assert err.startswith("error: "), err
-    assert "\n" not in err and "Traceback" not in err, err
+    assert "\n" not in err, err
+    assert "Traceback" not in err, err
     return err
 
 
@@ -1601,7 +1602,7 @@ def test_mistral_small_multimodal_both_layouts_load(tmp_path, capsys):
         theirs = hf_model(input_ids=tokens).logits
     for folder in (current, hub):
         config, _ = mistral_small.read_config(folder)
-        assert config.tie_word_embeddings  # what the config says; the checkpoint's own head wins
+        assert config.tie_word_embeddings  # what the config specifies, because the checkpoint's own head wins
         model = load_ours(mistral_small, folder)
         assert model.lm_head is not None
         with torch.no_grad():
@@ -1759,8 +1760,8 @@ def test_mistral_small_chat_template_from_processor_file(mistral_tokenizer_folde
 def pack_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Pack (E, in, out) weights that MXFP4 represents exactly into the hub's `_blocks` and `_scales` tensors.
 
-    The hub stores output features as rows: blocks (E, out, in/32, 16) hold two E2M1 codes per byte,
-    the earlier weight in the low nibble, and scales (E, out, in/32) hold one E8M0 exponent byte
+    The hub stores output features as rows. Blocks (E, out, in/32, 16) contain two E2M1 codes per
+    byte, the earlier weight in the low nibble. Scales (E, out, in/32) contain one E8M0 exponent byte
     (2^(s - 127)) per 32 weights of a row.
     """
     import gpt_oss
@@ -2264,7 +2265,9 @@ def test_smollm3_llama_rope_types():
     # Hub files written before transformers 5 keep the theta at the top level, next to `rope_scaling`.
     old_format = {"model_type": "llama", "num_hidden_layers": 2, "rope_theta": 500_000.0, "rope_scaling": {k: v for k, v in llama3.items() if k != "rope_theta"}}
     config = smollm3.Config.from_hf(old_format)
-    assert config.rope_theta == 500_000.0 and config.rope_scaling["factor"] == 32.0 and config.no_rope_layers == (1, 1)
+    assert config.rope_theta == 500_000.0
+    assert config.rope_scaling["factor"] == 32.0
+    assert config.no_rope_layers == (1, 1)
     with pytest.raises(smollm3.UserError, match="unsupported RoPE type 'yarn'"):
         smollm3.Config.from_hf({"model_type": "smollm3", "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
 
@@ -2449,7 +2452,7 @@ def test_sampling_defaults_come_from_generation_config(module_name, capsys):
     plain = module.parse_args(["--prompt", "hi"])
     assert module.sampling_settings(plain, generation) == (0.6, 20, 0.95)
     assert module.sampling_settings(plain, {}) == (0.0, 0, 1.0)
-    # Without do_sample, transformers decodes greedily whatever the other fields say.
+    # Without do_sample, transformers decodes greedily whatever the other fields contain.
     assert module.sampling_settings(plain, {"temperature": 0.6, "top_k": 20}) == (0.0, 0, 1.0)
     flags = module.parse_args(["--prompt", "hi", "--temperature", "0", "--top-k", "5"])
     assert module.sampling_settings(flags, generation) == (0.0, 5, 0.95)
@@ -2760,7 +2763,8 @@ def test_kimi2_config_reads_hub_file():
     ours = kimi2.Config.from_hf(hub)
     theirs = deepseek_v3_config_from_hub(hub)
     assert (ours.rope_type, ours.rope_theta, ours.beta_fast, ours.beta_slow) == ("yarn", 50_000.0, 1.0, 1.0)
-    assert ours.weight_block_size is None and ours.weight_group_size is None
+    assert ours.weight_block_size is None
+    assert ours.weight_group_size is None
     rotary = DeepseekV3RotaryEmbedding(theirs)
     assert torch.equal(kimi2.rope_inv_freq(ours), rotary.inv_freq)
     assert kimi2.rope_attention_factor(ours) == pytest.approx(rotary.attention_scaling, rel=1e-12)
@@ -2777,8 +2781,8 @@ ROUTED_EXPERT_KEY = re.compile(r"model\.layers\.\d+\.mlp\.experts\.\d+\.(gate|up
 def quantise_int4_groups(weight: torch.Tensor, group_size: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantise (out, in) as compressed-tensors' pack-quantized format does; return the packed int32 weight, the scales and the dequantised weight.
 
-    Symmetric 4-bit integers (-8..7) with one bfloat16 scale per group of input columns; eight integers
-    per int32, the first in the lowest 4 bits, each stored as integer + 8.
+    The weights become symmetric 4-bit integers (-8..7) with one bfloat16 scale per group of input
+    columns. Eight integers share an int32, the first in the lowest 4 bits, each stored as integer + 8.
     """
     out_dim, in_dim = weight.shape
     groups = torch.nn.functional.pad(weight, (0, -in_dim % group_size)).view(out_dim, -1, group_size)
@@ -2867,7 +2871,7 @@ def test_kimi2_int4_checkpoint_loads(checkpoints, tmp_path):
         difference = max_logit_difference(model(tokens), hf_model(tokens).logits)
     print(f"kimi2 INT4: max |logit difference| = {difference:.2e}")
     assert difference <= LOGIT_TOLERANCE, f"INT4: logits differ by {difference:.2e}"
-    # The reference really sees quantised weights: they differ from the unquantised ones.
+    # The reference really runs on quantised weights: they differ from the unquantised ones.
     assert not torch.equal(dequantised[down + ".weight"], state[down + ".weight"])
 
     model = kimi2.load_model(int4, config, CPU, torch.bfloat16)
@@ -3037,7 +3041,9 @@ def test_kimi2_tiktoken_special_tokens(kimi_tiktoken_folder):
     assert tokenizer.token_id(f"<|reserved_token_{first + 255}|>") == first + 255
     assert tokenizer.token_id(f"<|reserved_token_{first + 256}|>") is None
     ids = tokenizer.encode("<|im_user|>user<|im_middle|>hi there<|im_end|>")
-    assert ids[0] == first + 3 and ids[-1] == first + 2 and first + 9 in ids
+    assert ids[0] == first + 3
+    assert ids[-1] == first + 2
+    assert first + 9 in ids
     assert tokenizer.encode("[BOS]") == [first]  # no BOS is added, as tokenization_kimi.py's encode adds none
     assert tokenizer.decode(ids) == "userhi there"  # special tokens are dropped when decoding
 
@@ -3098,7 +3104,7 @@ def load_qwen3(folder: Path):
 def reference_attention(model, monkeypatch):
     """Make every Attention module of qwen3.py compute DCA with the float64 reference.
 
-    The projections, norms and the rest of the model stay qwen3.py's own float32 code; only the
+    The projections, norms and the rest of the model stay qwen3.py's own float32 code. Only the
     attention over rotated queries and keys, with its position remapping and merge, is replaced.
     """
     import qwen3
@@ -3187,7 +3193,7 @@ def test_qwen3_dca_cache_matches_full_forward(name, checkpoints, tmp_path):
 
 
 def test_qwen3_dca_cache_keeps_scaled_keys(checkpoints, tmp_path):
-    """Past original_max_position_embeddings, the cache holds keys times the length factor of the step that wrote them, as vLLM's does."""
+    """Past original_max_position_embeddings, the cache contains keys times the length factor of the step that wrote them, as vLLM's does."""
     import qwen3
 
     def cached_keys(original_max: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -3712,7 +3718,8 @@ def test_grok2_5_tokenizer_keeps_special_tokens_whole(tmp_path):
     write_grok_tokenizer(tmp_path)
     tokenizer = module.Tokenizer(tmp_path)
     ids = tokenizer.encode("hello<|separator|>\n\n<|eos|><|control1|>")
-    assert ids[1:2] == [1] and ids[-2:] == [2, 3]
+    assert ids[1:2] == [1]
+    assert ids[-2:] == [2, 3]
     assert tokenizer.token_id("<|reserved_3|>") == 4
     assert tokenizer.decode(ids) == "hello\n\n"  # special tokens are dropped from the output
     assert tokenizer.tokenizer.decode(ids, skip_special_tokens=False) == "hello<|separator|>\n\n<|eos|><|control1|>"
