@@ -13,8 +13,10 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import os
 import re
 import shutil
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -849,6 +851,7 @@ def test_cli_rejects_bad_input(name, checkpoints, capsys, tmp_path, other_family
     assert "--top-p" in cli_error(module, capsys, *ok, "--prompt", "hi", "--top-p", "0")
     assert "--top-k" in cli_error(module, capsys, *ok, "--prompt", "hi", "--top-k", "-5")
     assert "--max-new-tokens" in cli_error(module, capsys, *ok, "--prompt", "hi", "--max-new-tokens", "0")
+    assert "--max-memory" in cli_error(module, capsys, *ok, "--prompt", "hi", "--max-memory", "0")
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -892,6 +895,84 @@ def test_gemma3_missing_config_keys_take_transformers_defaults():
         assert getattr(ours, key) == getattr(theirs, key), key
     assert list(ours.layer_types) == list(theirs.layer_types)
     assert ours.rope_scaling_factor == 1.0
+
+
+# --------------------------------------------------------------------------------------------------
+# tensor and expert parallelism: torchrun with two CPU ranks (gloo) against one process
+
+PARALLEL_RANKS = 2
+PARALLEL_NEW_TOKENS = 20
+PARALLEL_TIMEOUT = 300  # seconds for one torchrun launch
+
+
+def torchrun(*argv: str) -> subprocess.CompletedProcess:
+    """Run `torchrun --nproc-per-node 2 --standalone argv...` with one thread per rank; fail on a non-zero exit."""
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={PARALLEL_RANKS}", "--standalone", *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=PARALLEL_TIMEOUT, cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def run_parallel_worker(module_name: str, folder: Path, out: Path, dtype: str = "float32", seed: int | None = None) -> dict:
+    """Run scripts/parallel_worker.py under torchrun and return what rank 0 saved."""
+    tokens = ",".join(str(t) for t in PARALLEL_TOKENS)
+    extra = ["--seed", str(seed)] if seed is not None else []
+    torchrun("scripts/parallel_worker.py", module_name, str(folder), str(out), "--dtype", dtype, "--tokens", tokens,
+             "--new-tokens", str(PARALLEL_NEW_TOKENS), *extra)
+    return torch.load(out)
+
+
+PARALLEL_TOKENS = [(7 * i + 3) % 250 + 3 for i in range(SEQUENCE_LENGTH)]  # ids below every parity vocabulary
+
+
+def single_process_results(module, model, seed: int | None = None) -> dict:
+    """What scripts/parallel_worker.py computes, in this process without torch.distributed."""
+    ids = PARALLEL_TOKENS
+    with torch.no_grad():
+        logits = model(torch.tensor([ids, ids[::-1]]))
+    greedy = list(module.generate(model, ids[:6], PARALLEL_NEW_TOKENS))
+    sampled = list(module.generate(model, ids[:6], PARALLEL_NEW_TOKENS, temperature=1.0, seed=seed)) if seed is not None else []
+    return {"logits": logits, "greedy": greedy, "sampled": sampled}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_parallel_matches_single_process(name, checkpoints, tmp_path):
+    _, folder = checkpoints(name)
+    module = importlib.import_module(CASES[name].module)
+    ours = single_process_results(module, load_ours(module, folder), seed=3)
+    split = run_parallel_worker(CASES[name].module, folder, tmp_path / "rank0.pt", seed=3)
+    assert split["world_size"] == PARALLEL_RANKS
+    difference = max_logit_difference(split["logits"], ours["logits"])
+    print(f"{name}: max |logit difference| across {PARALLEL_RANKS} ranks = {difference:.2e}")
+    assert difference <= LOGIT_TOLERANCE, f"{name}: logits on {PARALLEL_RANKS} ranks differ by {difference:.2e}"
+    assert split["greedy"] == ours["greedy"]
+    assert split["sampled"] == ours["sampled"]  # rank 0 draws and shares each sampled token
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_parallel_fit_check_rejects_small_budget(name, checkpoints):
+    """A memory budget smaller than the weights stops the load with the number of devices to use."""
+    _, folder = checkpoints(name)
+    module = importlib.import_module(CASES[name].module)
+    config, _ = module.read_config(folder)
+    with pytest.raises(module.UserError, match=r"run on at least \d+ devices.*--nproc-per-node \d+") as error:
+        module.load_model(folder, config, CPU, torch.float32, max_memory=1e-5)
+    assert "--max-memory" in str(error.value)
+
+
+def test_parallel_cli_prints_once_on_real_gemma3(tmp_path):
+    """torchrun on the converted Gemma 3 270M prints the same reply as one process, once."""
+    folder = real_checkpoint("gemma3")
+    if folder is None:
+        pytest.skip("the GGUF package for gemma3 is not installed")
+    argv = ["gemma3.py", "--model", str(folder), "--device", "cpu", "--prompt", "The capital of France is", "--max-new-tokens", "8"]
+    single = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=PARALLEL_TIMEOUT, cwd=ROOT)
+    assert single.returncode == 0, single.stderr
+    split = torchrun(*argv)
+    assert split.stdout == single.stdout
+    assert split.stdout.strip()
+    assert split.stderr.count("loaded ") == 1  # rank 0 alone logs
 
 
 # --------------------------------------------------------------------------------------------------
@@ -3792,6 +3873,7 @@ def test_grok2_5_cli_rejects_bad_input(grok_checkpoint, capsys, tmp_path, other_
     assert "--top-p" in cli_error(module, capsys, *ok, "--prompt", "hi", "--top-p", "0")
     assert "--top-k" in cli_error(module, capsys, *ok, "--prompt", "hi", "--top-k", "-5")
     assert "--max-new-tokens" in cli_error(module, capsys, *ok, "--prompt", "hi", "--max-new-tokens", "0")
+    assert "--max-memory" in cli_error(module, capsys, *ok, "--prompt", "hi", "--max-memory", "0")
 
 
 def test_grok2_5_cli_rejects_prompt_longer_than_context(capsys, tmp_path):
