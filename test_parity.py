@@ -914,12 +914,10 @@ def torchrun(*argv: str) -> subprocess.CompletedProcess:
     return result
 
 
-def run_parallel_worker(module_name: str, folder: Path, out: Path, dtype: str = "float32", seed: int | None = None) -> dict:
-    """Run scripts/parallel_worker.py under torchrun and return what rank 0 saved."""
+def run_parallel_worker(module_name: str, folder: Path, out: Path, *options: str) -> dict:
+    """Run scripts/parallel_worker.py under torchrun (with worker `options` such as --seed 3) and return what rank 0 saved."""
     tokens = ",".join(str(t) for t in PARALLEL_TOKENS)
-    extra = ["--seed", str(seed)] if seed is not None else []
-    torchrun("scripts/parallel_worker.py", module_name, str(folder), str(out), "--dtype", dtype, "--tokens", tokens,
-             "--new-tokens", str(PARALLEL_NEW_TOKENS), *extra)
+    torchrun("scripts/parallel_worker.py", module_name, str(folder), str(out), "--tokens", tokens, "--new-tokens", str(PARALLEL_NEW_TOKENS), *options)
     return torch.load(out)
 
 
@@ -941,7 +939,7 @@ def test_parallel_matches_single_process(name, checkpoints, tmp_path):
     _, folder = checkpoints(name)
     module = importlib.import_module(CASES[name].module)
     ours = single_process_results(module, load_ours(module, folder), seed=3)
-    split = run_parallel_worker(CASES[name].module, folder, tmp_path / "rank0.pt", seed=3)
+    split = run_parallel_worker(CASES[name].module, folder, tmp_path / "rank0.pt", "--seed", "3")
     assert split["world_size"] == PARALLEL_RANKS
     difference = max_logit_difference(split["logits"], ours["logits"])
     print(f"{name}: max |logit difference| across {PARALLEL_RANKS} ranks = {difference:.2e}")

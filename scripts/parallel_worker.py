@@ -30,13 +30,15 @@ def main() -> None:
     parser.add_argument("--tokens", required=True, help="comma-separated token ids: the batch is these ids twice, reversed the second time")
     parser.add_argument("--new-tokens", type=int, default=20)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--keep-quantized", action="store_true", help="keep FP8/INT4/MXFP4 weights as stored (files that support it)")
     args = parser.parse_args()
 
     module = importlib.import_module(args.module)
     device = torch.device("cpu")
     module.init_distributed(device)
     config, _ = module.read_config(args.folder)
-    model = module.load_model(args.folder, config, device, module.DTYPES[args.dtype])
+    options = {"keep_quantized": True} if args.keep_quantized else {}
+    model = module.load_model(args.folder, config, device, module.DTYPES[args.dtype], **options)
     ids = [int(t) for t in args.tokens.split(",")]
     with torch.no_grad():
         logits = model(torch.tensor([ids, ids[::-1]]))
