@@ -6,7 +6,8 @@ transformer with:
 - a learned attention sink per head: one more softmax logit that takes probability mass but adds no value;
 - RoPE stretched by YaRN (Peng et al., 2023) from a 4096-token to a 131072-token context;
 - in every layer, a router that picks 4 experts per token, each a clamped SwiGLU MLP with biases;
-- expert weights published in MXFP4 (4-bit floats, one power-of-two scale per 32 values), dequantised on load;
+- expert weights published in MXFP4 (4-bit floats, one power-of-two scale per 32 values), kept packed in
+  memory and dequantised per matmul with --dtype auto, or dequantised on load with an explicit --dtype;
 - the harmony chat format: the reply's chain of thought goes to the `analysis` channel, the answer to `final`.
 
 This file matches `transformers`' GptOssForCausalLM logit for logit; test_parity.py proves it.
@@ -22,6 +23,7 @@ import argparse
 import ctypes
 import json
 import math
+import os
 import sys
 import time
 from contextlib import ExitStack
@@ -156,6 +158,124 @@ class Config:
 
 
 # --------------------------------------------------------------------------------------------------
+# Tensor parallelism (torchrun)
+#
+# Under `torchrun --nproc-per-node N gpt_oss.py ...` each of the N ranks holds 1/N of the attention
+# heads, of the experts and of the vocabulary, and reads only those slices of the checkpoint.
+# A column-parallel linear layer splits its output features across ranks, so it needs no
+# communication; the row-parallel layer after it splits its input features and sums the partial
+# products with one all-reduce. Every rank routes every token but runs only its own experts, and
+# one all-reduce sums the experts' outputs (expert parallelism). A plain `python gpt_oss.py` run
+# keeps world_size 1 and calls no torch.distributed function.
+
+world_size, rank = 1, 0  # set by init_distributed() under torchrun
+
+
+def init_distributed(device: torch.device) -> None:
+    """Join the process group that torchrun describes in the environment (NCCL on GPUs, gloo on CPUs)."""
+    global world_size, rank
+    import torch.distributed as dist
+
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    world_size, rank = dist.get_world_size(), dist.get_rank()
+
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sum `x` over the ranks in place (nothing to do in a single process)."""
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(x)
+    return x
+
+
+def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's `x` along the last dimension, in rank order."""
+    if world_size == 1:
+        return x
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(x) for _ in range(world_size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=-1)
+
+
+def broadcast_object(value):
+    """Return rank 0's `value` on every rank (a sampled token, a line of user input)."""
+    if world_size == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def split_evenly(total: int, what: str) -> int:
+    """Return this rank's share of `total` units (heads, columns, vocabulary rows), which must divide evenly."""
+    if total % world_size:
+        raise UserError(f"{what} ({total}) cannot be split evenly across {world_size} ranks; use a --nproc-per-node that divides {total}")
+    return total // world_size
+
+
+def kv_heads_of_rank(total: int) -> tuple[int, int]:
+    """Return (first, count) of the KV heads this rank needs.
+
+    With fewer KV heads than ranks (grouped-query attention on many GPUs), each KV head is copied
+    to the world_size / total ranks whose query heads read it.
+    """
+    if total % world_size == 0:
+        count = total // world_size
+        return rank * count, count
+    if world_size % total == 0:
+        return rank // (world_size // total), 1
+    raise UserError(f"{total} KV heads cannot be shared evenly by {world_size} ranks; use a --nproc-per-node that divides or is a multiple of {total}")
+
+
+class ColumnParallelLinear(nn.Linear):
+    """A linear layer whose output features are split across ranks; each rank computes its own slice.
+
+    `shard` = (dim, first, total): this rank's weight is rows first .. first + local of the
+    checkpoint's `total` rows; the loader reads only those.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, first: int | None = None, local: int | None = None):
+        local = local if local is not None else split_evenly(out_features, "output features")
+        super().__init__(in_features, local, bias=bias)
+        self.shard = (0, rank * local if first is None else first, out_features)
+
+
+class RowParallelLinear(nn.Linear):
+    """A linear layer whose input features are split across ranks; one all-reduce sums the partial products."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        local = split_evenly(in_features, "input features")
+        super().__init__(local, out_features, bias=bias)
+        self.shard = (1, rank * local, in_features)  # the bias is not split: it is added once, after the sum
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = all_reduce(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias
+
+
+class ParallelEmbedding(nn.Embedding):
+    """An embedding whose vocabulary rows are split across ranks; each rank looks up the ids it holds."""
+
+    def __init__(self, vocab_size: int, dim: int):
+        local = split_evenly(vocab_size, "vocabulary size")
+        super().__init__(local, dim)
+        self.shard = (0, rank * local, vocab_size)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if world_size == 1:
+            return super().forward(tokens)
+        first = self.shard[1]
+        outside = (tokens < first) | (tokens >= first + self.num_embeddings)
+        x = F.embedding((tokens - first).masked_fill(outside, 0), self.weight)
+        return all_reduce(x.masked_fill(outside[..., None], 0))
+
+
+# --------------------------------------------------------------------------------------------------
 # Layers
 
 
@@ -234,17 +354,19 @@ class Attention(nn.Module):
 
     def __init__(self, config: Config, layer_idx: int):
         super().__init__()
-        self.n_heads = config.num_attention_heads
-        self.n_kv_heads = config.num_key_value_heads
+        self.n_heads = split_evenly(config.num_attention_heads, "attention heads")  # this rank's query heads
+        kv_first, self.n_kv_heads = kv_heads_of_rank(config.num_key_value_heads)
         self.head_dim = config.head_dim
         self.scale = self.head_dim**-0.5
         is_sliding = config.layer_types[layer_idx] == "sliding_attention"
         self.window = config.sliding_window if is_sliding else None
-        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=True)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=True)
+        hd, kv_rows = self.head_dim, config.num_key_value_heads * self.head_dim
+        self.q_proj = ColumnParallelLinear(config.hidden_size, config.num_attention_heads * hd, bias=True)
+        self.k_proj = ColumnParallelLinear(config.hidden_size, kv_rows, bias=True, first=kv_first * hd, local=self.n_kv_heads * hd)
+        self.v_proj = ColumnParallelLinear(config.hidden_size, kv_rows, bias=True, first=kv_first * hd, local=self.n_kv_heads * hd)
+        self.o_proj = RowParallelLinear(config.num_attention_heads * hd, config.hidden_size, bias=True)
         self.sinks = nn.Parameter(torch.zeros(self.n_heads))
+        self.shard = (0, rank * self.n_heads, config.num_attention_heads)  # of `sinks`: one per query head, split like the heads
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int, kv: "LayerCache | None") -> torch.Tensor:
         B, T, _ = x.shape  # batch, new tokens, hidden size
@@ -286,12 +408,26 @@ class Attention(nn.Module):
         return out.view(B, self.n_heads, T, hd)
 
 
+def clamped_swiglu(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """Apply gpt-oss's SwiGLU variant to the gate/up projection h (N, 2I), whose columns interleave the two halves.
+
+    Both halves are clamped, the sigmoid is sharpened by alpha (x * sigmoid(1.702 x) approximates
+    GELU), and the linear half is shifted by one.
+    """
+    gate, up = h[:, 0::2], h[:, 1::2]  # even columns are the gate, odd ones the linear half
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
 class Experts(nn.Module):
-    """The weights of every expert, stacked on a leading expert axis in the x @ W layout of the checkpoint."""
+    """This rank's experts, stacked on a leading expert axis in the x @ W layout of the checkpoint."""
 
     def __init__(self, config: Config):
         super().__init__()
-        E, C, I = config.num_local_experts, config.hidden_size, config.intermediate_size
+        E = self.n_experts = split_evenly(config.num_local_experts, "experts")
+        C, I = config.hidden_size, config.intermediate_size
+        self.shard = (0, rank * E, config.num_local_experts)  # every tensor's leading axis: rank r has experts r*E .. r*E + E - 1
         self.gate_up_proj = nn.Parameter(torch.empty(E, C, 2 * I))  # gate and up columns interleaved
         self.gate_up_proj_bias = nn.Parameter(torch.empty(E, 2 * I))
         self.down_proj = nn.Parameter(torch.empty(E, I, C))
@@ -300,15 +436,42 @@ class Experts(nn.Module):
         self.limit = config.swiglu_limit
 
     def forward(self, x: torch.Tensor, expert: int) -> torch.Tensor:
-        """Run one expert on the rows x (N, C) routed to it."""
+        """Run local expert `expert` on the rows x (N, C) routed to it."""
         h = x @ self.gate_up_proj[expert] + self.gate_up_proj_bias[expert]  # (N, 2I)
-        gate, up = h[:, 0::2], h[:, 1::2]  # even columns are the gate, odd ones the linear half
-        # gpt-oss's SwiGLU variant: both halves are clamped, the sigmoid is sharpened by alpha
-        # (x * sigmoid(1.702 x) approximates GELU), and the linear half is shifted by one.
-        gate = gate.clamp(max=self.limit)
-        up = up.clamp(min=-self.limit, max=self.limit)
-        glu = gate * torch.sigmoid(gate * self.alpha)
-        return ((up + 1) * glu) @ self.down_proj[expert] + self.down_proj_bias[expert]  # (N, C)
+        return clamped_swiglu(h, self.alpha, self.limit) @ self.down_proj[expert] + self.down_proj_bias[expert]  # (N, C)
+
+
+class QuantizedExperts(nn.Module):
+    """This rank's experts with their matrices kept in MXFP4 as published, dequantised one expert per matmul.
+
+    The tensors are the checkpoint's: `*_blocks` (E, out, in/32, 16) and `*_scales` (E, out, in/32)
+    in uint8, with output features as rows (see dequantize_mxfp4). Splitting by expert cuts only the
+    leading axis, so a rank always holds whole 32-value blocks with their scales.
+    """
+
+    def __init__(self, config: Config):
+        super().__init__()
+        E = self.n_experts = split_evenly(config.num_local_experts, "experts")
+        C, I = config.hidden_size, config.intermediate_size
+        if C % 32 or I % 32:
+            raise UserError(f"invalid MXFP4 config: hidden_size {C} and intermediate_size {I} must be multiples of 32, the MXFP4 block size")
+        self.shard = (0, rank * E, config.num_local_experts)  # every tensor's leading axis, as in Experts
+        # Integer parameters (requires_grad=False), so that the strict loader fills and checks them like the others.
+        self.gate_up_proj_blocks = nn.Parameter(torch.empty(E, 2 * I, C // 32, 16, dtype=torch.uint8), requires_grad=False)
+        self.gate_up_proj_scales = nn.Parameter(torch.empty(E, 2 * I, C // 32, dtype=torch.uint8), requires_grad=False)
+        self.gate_up_proj_bias = nn.Parameter(torch.empty(E, 2 * I))
+        self.down_proj_blocks = nn.Parameter(torch.empty(E, C, I // 32, 16, dtype=torch.uint8), requires_grad=False)
+        self.down_proj_scales = nn.Parameter(torch.empty(E, C, I // 32, dtype=torch.uint8), requires_grad=False)
+        self.down_proj_bias = nn.Parameter(torch.empty(E, C))
+        self.alpha = config.swiglu_alpha
+        self.limit = config.swiglu_limit
+
+    def forward(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        """Run local expert `expert` on the rows x (N, C) routed to it."""
+        gate_up = dequantize_mxfp4_expert(self.gate_up_proj_blocks[expert], self.gate_up_proj_scales[expert], x.dtype)  # (2I, C)
+        h = F.linear(x, gate_up, self.gate_up_proj_bias[expert])  # (N, 2I)
+        down = dequantize_mxfp4_expert(self.down_proj_blocks[expert], self.down_proj_scales[expert], x.dtype)  # (C, I)
+        return F.linear(clamped_swiglu(h, self.alpha, self.limit), down, self.down_proj_bias[expert])  # (N, C)
 
 
 class MLP(nn.Module):
@@ -318,8 +481,8 @@ class MLP(nn.Module):
         super().__init__()
         self.n_experts = config.num_local_experts
         self.top_k = config.num_experts_per_tok
-        self.router = nn.Linear(config.hidden_size, self.n_experts, bias=True)
-        self.experts = Experts(config)
+        self.router = nn.Linear(config.hidden_size, self.n_experts, bias=True)  # whole on every rank, which routes every token
+        self.experts = Experts(config)  # this rank's experts; load_model swaps in QuantizedExperts to keep MXFP4 resident
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
@@ -332,16 +495,17 @@ class MLP(nn.Module):
         order = torch.argsort(chosen, stable=True)
         counts = torch.bincount(chosen, minlength=self.n_experts).tolist()
         out = torch.zeros_like(x)
-        start = 0
-        for expert, count in enumerate(counts):
+        first = self.experts.shard[1]  # this rank runs experts first .. first + experts.n_experts - 1
+        start = sum(counts[:first])  # the sorted pairs of lower-numbered experts come first
+        for local, count in enumerate(counts[first : first + self.experts.n_experts]):
             if count == 0:
                 continue
             pairs = order[start : start + count]
             tokens = pairs // self.top_k  # pair p belongs to token p // k
-            y = self.experts(x[tokens], expert)  # (count, C)
+            y = self.experts(x[tokens], local)  # (count, C)
             out.index_add_(0, tokens, y * weights[pairs, None])
             start += count
-        return out.view(B, T, C)
+        return all_reduce(out).view(B, T, C)  # the sum over every rank's experts
 
 
 class Block(nn.Module):
@@ -366,11 +530,11 @@ class Model(nn.Module):
     def __init__(self, config: Config):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = ParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        # The LM head is its own matrix on the hub; a tied checkpoint would reuse the embedding.
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # The LM head is its own matrix on the hub; a tied checkpoint would reuse the embedding. Both are split by vocabulary.
+        self.lm_head = None if config.tie_word_embeddings else ColumnParallelLinear(config.hidden_size, config.vocab_size)
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
         self.attention_factor = rope_attention_factor(config)
 
@@ -385,7 +549,8 @@ class Model(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)
-        return F.linear(x, self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)
+        logits = F.linear(x, self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)
+        return all_gather_last_dim(logits)  # each rank computed the logits of its vocabulary slice
 
 
 # --------------------------------------------------------------------------------------------------
@@ -407,10 +572,13 @@ LM_HEAD_KEY = "lm_head.weight"
 
 # The 16 values of a 4-bit E2M1 float, indexed by its code: bit 3 is the sign, bits 0-2 the magnitude.
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+# The two values of each packed byte, the earlier weight (low nibble) first, so that one lookup decodes a byte.
+FP4_PAIRS = torch.tensor([(FP4_VALUES[byte & 0x0F], FP4_VALUES[byte >> 4]) for byte in range(256)])  # (256, 2)
 
 
 def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    if rank == 0:  # under torchrun, rank 0 alone prints
+        print(message, file=sys.stderr, flush=True)
 
 
 def resolve_checkpoint(model: str) -> Path:
@@ -498,15 +666,26 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     Rows are output features, so each expert's matrix is transposed to the x @ W layout (in, out).
     """
     E, rows, groups, _ = blocks.shape
-    table = torch.tensor(FP4_VALUES, dtype=torch.float32, device=device)
     out = torch.empty(E, groups * 32, rows, dtype=dtype, device=device)
     for e in range(E):  # one expert at a time, so the float32 intermediate stays small
-        packed = blocks[e].to(device)  # (rows, groups, 16)
-        codes = torch.stack((packed & 0x0F, packed >> 4), dim=-1).view(rows, groups, 32)
-        exponents = scales[e].to(device).int() - 127  # (rows, groups)
-        values = torch.ldexp(table[codes.long()], exponents[..., None])  # (rows, groups, 32)
-        out[e] = values.view(rows, groups * 32).t()
+        out[e] = dequantize_mxfp4_expert(blocks[e].to(device), scales[e].to(device), dtype).t()
     return out
+
+
+def dequantize_mxfp4_expert(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Unpack one expert's MXFP4 matrix, blocks (out, in/32, 16) and scales (out, in/32), into (out, in) of `dtype`.
+
+    An E2M1 value times a power of two is exact in bfloat16 and float32, which share the exponent
+    range of E8M0, so the product is computed in `dtype` itself. float16 goes through float32.
+    """
+    # NOTE: QuantizedExperts calls this before every expert matmul. A GPU with native FP4 matmul
+    # (e.g. torch._scaled_mm with MXFP4 scales) could multiply the packed blocks directly. That
+    # path is not written here, and it would need checking against this one first.
+    rows, groups, _ = blocks.shape
+    compute = torch.float32 if dtype == torch.float16 else dtype
+    values = F.embedding(blocks.int(), FP4_PAIRS.to(blocks.device, compute)).view(rows, groups, 32)  # a lookup per byte
+    values *= torch.exp2(scales.float() - 127).to(compute)[..., None]  # E8M0: 2^(s - 127) per 32 values
+    return values.view(rows, groups * 32).to(dtype)
 
 
 # safetensors dtype names -> torch dtypes
@@ -544,31 +723,54 @@ class SafetensorsFile:
     def dtype(self, key: str) -> torch.dtype:
         return SAFETENSORS_DTYPES[self.header[key]["dtype"]]
 
-    def read(self, key: str, dtype: torch.dtype | None = None, device: torch.device = torch.device("cpu"), column_major: bool = False) -> torch.Tensor:
+    def read(
+        self,
+        key: str,
+        dtype: torch.dtype | None = None,
+        device: torch.device = torch.device("cpu"),
+        column_major: bool = False,
+        shard: tuple[int, int, int] | None = None,
+    ) -> torch.Tensor:
         """Read tensor `key`, cast to `dtype` (default: as stored), onto `device`.
 
-        A column-major matrix keeps its (out, in) shape; only its strides differ.
+        `shard` = (dim, first, length) reads only indices first .. first + length - 1 along `dim`
+        (a tensor-parallel rank's slice); the other bytes are never read. A column-major matrix
+        keeps its (out, in) shape; only its strides differ.
         """
-        entry = self.header[key]
-        shape = self.shape(key)
+        shape = self.shape(key) or (1,)  # a scalar is read as one element
         source_dtype = self.dtype(key)
         dtype = dtype or source_dtype
-        begin, end = entry["data_offsets"]
+        dim, first, length = shard or (0, 0, shape[0])
+        local_shape = (*shape[:dim], length, *shape[dim + 1 :])
         if column_major:
-            out = torch.empty(shape[::-1], dtype=dtype, device=device).t()  # (out, in) view of (in, out) storage
+            out = torch.empty(local_shape[::-1], dtype=dtype, device=device).t()  # (out, in) view of (in, out) storage
         else:
-            out = torch.empty(shape, dtype=dtype, device=device)
+            out = torch.empty(local_shape, dtype=dtype, device=device)
+        if not self.shape(key):
+            out = out.view(())  # a scalar; written below through a one-element view
         if out.numel() == 0:
             return out
-        rows = out.view(1, -1) if out.ndim == 0 else out  # a scalar is one row
-        row_bytes = (end - begin) // rows.shape[0]
-        step = max(1, READ_CHUNK_BYTES // row_bytes)
-        for first in range(0, rows.shape[0], step):
-            count = min(step, rows.shape[0] - first)
-            buffer = bytearray(count * row_bytes)
-            self.file.seek(self.data_start + begin + first * row_bytes)
-            self.file.readinto(buffer)
-            rows[first : first + count] = torch.frombuffer(buffer, dtype=source_dtype).view(count, *rows.shape[1:])
+        # View the tensor as (outer, shape[dim], inner): the slice is one contiguous run of bytes per
+        # outer index, read in pieces of at most READ_CHUNK_BYTES straight into `out`.
+        outer, inner = math.prod(shape[:dim]), math.prod(shape[dim + 1 :])
+        if out.is_contiguous():
+            target = out.reshape(outer, length, inner)  # a view: `out` is contiguous
+        else:  # a column-major matrix: the same view through its strides
+            target = out.unsqueeze(0) if dim == 0 else out.unsqueeze(-1)
+        item = source_dtype.itemsize
+        begin = self.data_start + self.header[key]["data_offsets"][0]
+        rows_per_read = max(1, READ_CHUNK_BYTES // (inner * item))  # along `dim`, within one outer index
+        outers_per_read = max(1, rows_per_read // length)  # whole slices of several outer indices at once
+        for o in range(0, outer, outers_per_read):
+            o_count = min(outers_per_read, outer - o)
+            for r in range(0, length, rows_per_read):
+                r_count = min(rows_per_read, length - r)
+                run = r_count * inner * item
+                buffer = bytearray(o_count * run)
+                for i in range(o_count):
+                    self.file.seek(begin + (((o + i) * shape[dim] + first + r) * inner) * item)
+                    self.file.readinto(memoryview(buffer)[i * run : (i + 1) * run])
+                target[o : o + o_count, r : r + r_count] = torch.frombuffer(buffer, dtype=source_dtype).view(o_count, r_count, inner)
         return out
 
     def __enter__(self):
@@ -578,15 +780,26 @@ class SafetensorsFile:
         self.file.close()
 
 
-def load_model(folder: Path, config: Config, device: torch.device, dtype: torch.dtype) -> Model:
+def load_model(
+    folder: Path, config: Config, device: torch.device, dtype: torch.dtype, max_memory: float | None = None, keep_quantized: bool = False
+) -> Model:
     """Build the model on the meta device, then fill it tensor by tensor from the safetensors files.
 
-    Each tensor is read, cast to `dtype` (MXFP4 expert weights: dequantised) and moved to `device`
-    on its own, so peak memory stays near the size of the weights in the target dtype. Loading is
-    strict: a missing, unexpected or misshapen tensor raises an error that names it.
+    Each tensor is read, cast to `dtype` and moved to `device` on its own, so peak memory stays
+    near the size of the weights in the target dtype. MXFP4 expert weights are dequantised to
+    `dtype`, unless `keep_quantized`: then they stay packed as published (QuantizedExperts) and
+    only the other weights and the activations take `dtype`. Under torchrun each rank reads only
+    its own slices. Loading is strict: a missing, unexpected or misshapen tensor raises an error
+    that names it. `max_memory` (GiB per rank) replaces the device's free memory in the fit check.
     """
+    resident = keep_quantized and config.quant_method == "mxfp4"
     with torch.device("meta"):
         model = Model(config)
+        if resident:
+            for layer in model.layers:
+                layer.mlp.experts = QuantizedExperts(config)
+    # Packed MXFP4 blocks and scales take one byte per element, whatever `dtype` is.
+    check_fit(sum(p.numel() * (1 if p.dtype == torch.uint8 else dtype.itemsize) for p in model.parameters()), device, max_memory)
     expected = dict(model.named_parameters())
     loaded = set()
     files = checkpoint_files(folder)
@@ -595,29 +808,35 @@ def load_model(folder: Path, config: Config, device: torch.device, dtype: torch.
         # An MXFP4 weight is two tensors, `<name>_blocks` and `<name>_scales`, possibly in different shards.
         located = {key: (file, handle) for file, handle in zip(files, handles) for key in handle.keys()}
         for key, (file, handle) in located.items():
-            if key.endswith("_scales"):
-                if key.removesuffix("_scales") + "_blocks" not in located:
-                    raise UserError(f"tensor {key} in {file.name} has no matching {key.removesuffix('_scales')}_blocks")
+            if key.endswith("_scales") and key.removesuffix("_scales") + "_blocks" not in located:
+                raise UserError(f"tensor {key} in {file.name} has no matching {key.removesuffix('_scales')}_blocks")
+            scales_key = key.removesuffix("_blocks") + "_scales"
+            if key.endswith("_blocks") and scales_key not in located:
+                raise UserError(f"checkpoint {folder} has {key} but lacks {scales_key}")
+            dequantize = key.endswith("_blocks") and not resident
+            if key.endswith("_scales") and not resident:
                 continue  # read together with its blocks
-            name = parameter_name(key.removesuffix("_blocks"), config)
+            name = parameter_name(key.removesuffix("_blocks") if dequantize else key, config)
             if name is None:
                 continue
             if name not in expected:
                 raise UserError(f"unexpected tensor {key} in {file.name}; is this a gpt-oss checkpoint?")
-            if key.endswith("_blocks"):
-                scales_key = key.removesuffix("_blocks") + "_scales"
-                if scales_key not in located:
-                    raise UserError(f"checkpoint {folder} has {key} but lacks {scales_key}")
-                blocks, scales = handle.read(key), located[scales_key][1].read(scales_key)
-                if blocks.ndim != 4 or blocks.shape[-1] != 16 or blocks.shape[:-1] != scales.shape:
-                    raise UserError(f"MXFP4 tensors {key} {tuple(blocks.shape)} and {scales_key} {tuple(scales.shape)} do not fit (E, out, in/32, 16) and (E, out, in/32)")
-                tensor = dequantize_mxfp4(blocks, scales, dtype, device)
+            full_shape, shard = checkpoint_slice(model, name)
+            if dequantize:
+                E, n_in, n_out = full_shape  # of the dequantised (E, in, out) matrices
+                scales_handle = located[scales_key][1]
+                if n_in % 32 or handle.shape(key) != (E, n_out, n_in // 32, 16) or scales_handle.shape(scales_key) != (E, n_out, n_in // 32):
+                    raise UserError(
+                        f"MXFP4 tensors {key} {handle.shape(key)} and {scales_key} {scales_handle.shape(scales_key)} do not fit "
+                        f"(E, out, in/32, 16) and (E, out, in/32) for the (E, in, out) = {full_shape} of config.json"
+                    )
+                # Splitting by expert slices the leading axis of both tensors alike.
+                tensor = dequantize_mxfp4(handle.read(key, shard=shard), scales_handle.read(scales_key, shard=shard), dtype, device)
             else:
-                if handle.shape(key) != expected[name].shape:
-                    raise UserError(f"tensor {key} has shape {handle.shape(key)}, expected {tuple(expected[name].shape)} from config.json")
-                tensor = handle.read(key, dtype, device, column_major=use_column_major(handle.shape(key), dtype, device))
-            if tensor.shape != expected[name].shape:
-                raise UserError(f"tensor {key} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)} from config.json")
+                if handle.shape(key) != full_shape:
+                    raise UserError(f"tensor {key} has shape {handle.shape(key)}, expected {full_shape} from config.json")
+                target = expected[name].dtype if expected[name].dtype == torch.uint8 else dtype  # packed MXFP4 stays uint8
+                tensor = handle.read(key, target, device, column_major=use_column_major(handle.shape(key), target, device), shard=shard)
             set_parameter(model, name, tensor)
             loaded.add(name)
     missing = sorted(set(expected) - loaded)
@@ -627,6 +846,48 @@ def load_model(folder: Path, config: Config, device: torch.device, dtype: torch.
     # Buffers (RoPE frequencies) were built on the meta device; recompute them where the weights live.
     model.inv_freq = rope_inv_freq(config).to(device)
     return model.eval()
+
+
+def checkpoint_slice(model: nn.Module, name: str) -> tuple[tuple[int, ...], tuple[int, int, int] | None]:
+    """Return the checkpoint shape of parameter `name` and the (dim, first, length) slice this rank holds."""
+    shape = tuple(model.get_parameter(name).shape)
+    module_name, _, _ = name.rpartition(".")
+    shard = getattr(model.get_submodule(module_name), "shard", None)
+    if shard is None or shard[0] >= len(shape):  # not split (a row-parallel bias is added whole)
+        return shape, None
+    dim, first, total = shard
+    return (*shape[:dim], total, *shape[dim + 1 :]), (dim, first, shape[dim])
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Return the bytes this rank may fill on `device`: free GPU memory, or available RAM shared by this machine's ranks."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu" and Path("/proc/meminfo").exists():
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return None  # unknown (MPS, or a CPU without /proc): no check
+
+
+def check_fit(weight_bytes: int, device: torch.device, max_memory: float | None) -> None:
+    """Raise a UserError before any weight is read when this rank's `weight_bytes` exceed its memory.
+
+    Every rank takes part, so that all of them stop together when any one of them lacks room.
+    """
+    available = free_memory(device) if max_memory is None else int(max_memory * 2**30)
+    ratio = torch.tensor([0.0 if available is None else weight_bytes / max(available, 1)], dtype=torch.float64, device=device)
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(ratio, op=dist.ReduceOp.MAX)
+    if ratio.item() > 1:
+        source = "--max-memory" if max_memory is not None else f"free on {device.type}"
+        needed = math.ceil(world_size * ratio.item())
+        raise UserError(
+            f"the weights need {weight_bytes / 2**30:.2f} GiB per rank but a rank has only {weight_bytes / ratio.item() / 2**30:.2f} GiB "
+            f"({source}); run on at least {needed} devices, e.g. torchrun --nproc-per-node {needed}, or pick a smaller --dtype"
+        )
 
 
 def use_column_major(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> bool:
@@ -827,12 +1088,12 @@ class LayerCache:
 
 
 class KVCache:
-    """One LayerCache per layer, for positions 0 .. max_len - 1."""
+    """One LayerCache per layer, for positions 0 .. max_len - 1, of the KV heads this rank holds."""
 
     # NOTE: sliding-window layers read only their last `sliding_window` keys but get a full-length
     # buffer like the others, which keeps positions simple at the cost of memory on long contexts.
     def __init__(self, config: Config, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
-        shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
+        shape = (batch, kv_heads_of_rank(config.num_key_value_heads)[1], max_len, config.head_dim)
         self.layers = [LayerCache(shape, dtype, device) for _ in range(config.num_hidden_layers)]
         self.max_len = max_len
 
@@ -894,7 +1155,7 @@ def generate(
         chunk = prompt[offset : offset + PREFILL_CHUNK]
         logits = model(torch.tensor([chunk], device=device), cache, start_pos=start_pos + offset, last_only=True)
     for pos in range(start_pos + len(prompt), end_pos):
-        token = sample(logits[0, -1], temperature, top_k, top_p, generator)
+        token = broadcast_object(sample(logits[0, -1], temperature, top_k, top_p, generator))  # rank 0's draw
         yield token
         if token in stop_tokens or pos + 1 == end_pos:
             return
@@ -993,14 +1254,17 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def pick_device(name: str) -> torch.device:
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))  # torchrun gives each rank of a machine its own GPU
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return torch.device("cuda", local_rank)
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is visible to torch; use --device cpu")
+    if name == "cuda":
+        return torch.device("cuda", local_rank)
     if name == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device mps: MPS is not available on this machine; use --device cpu")
     return torch.device(name)
@@ -1059,6 +1323,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="with --chat or --interactive: print every channel of the reply, the analysis channel (chain of thought) included; default: the final answer only",
     )
+    parser.add_argument("--max-memory", type=float, default=None, help="GiB each rank may fill with weights (default: the device's free memory)")
     parser.add_argument("--info", action="store_true", help="print sizes computed from the config without loading weights (default: the flagship checkpoint)")
     return parser.parse_args(argv)
 
@@ -1119,6 +1384,10 @@ def load_session(args: argparse.Namespace) -> Session:
         raise UserError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the context of {config.max_position_embeddings} tokens")
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, config, device)
+    if args.max_memory is not None and not args.max_memory > 0:
+        raise UserError(f"--max-memory {args.max_memory}: must be a positive number of GiB")
+    if "RANK" in os.environ:  # launched by torchrun
+        init_distributed(device)
 
     started = time.perf_counter()
     # The tokenizer comes first, so that a checkpoint without a chat template or a prompt too long
@@ -1131,7 +1400,8 @@ def load_session(args: argparse.Namespace) -> Session:
     if args.prompt is not None:
         # The plain encoding is a lower bound of the chat-rendered one, so this check is safe early.
         check_context(config, len(tokenizer.encode(args.prompt)), args.max_new_tokens)
-    model = load_model(folder, config, device, dtype)
+    # --dtype auto keeps MXFP4 experts packed as published; an explicit --dtype dequantises them on load.
+    model = load_model(folder, config, device, dtype, args.max_memory, keep_quantized=args.dtype == "auto")
     chat = args.chat or args.interactive
     stops = stop_tokens(config, generation, tokenizer, chat)
     return Session(model, tokenizer, config, args.max_new_tokens, sampling, stops, args.seed, time.perf_counter() - started, args.show_reasoning)
@@ -1157,11 +1427,13 @@ def stream_reply(session: Session, tokens: Iterator[int], harmony: bool) -> tupl
             prefill_seconds = time.perf_counter() - started
             started = time.perf_counter()
         reply.append(token)
-        print(stream.push(token), end="", flush=True)
+        if rank == 0:
+            print(stream.push(token), end="", flush=True)
         if harmony and stream.hidden_tokens and not announced:
             log("(the reply starts with a hidden channel, usually its reasoning; --show-reasoning prints it)")
             announced = True
-    print(stream.flush())
+    if rank == 0:
+        print(stream.flush())
     if harmony and stream.hidden_tokens:
         log(f"hid {stream.hidden_tokens} tokens of channels other than final; --show-reasoning prints them")
     return reply, prefill_seconds, time.perf_counter() - started
@@ -1233,14 +1505,23 @@ class Chat:
         return "".join(final.push(t) for t in reply) + final.flush()
 
 
+def read_line(prompt: str) -> str | None:
+    """Read a line on rank 0 and share it with every rank; None at end of input or Ctrl-C."""
+    text = None
+    if rank == 0:
+        try:
+            text = input(prompt)
+        except (EOFError, KeyboardInterrupt):
+            print()
+    return broadcast_object(text)
+
+
 def interactive(session: Session) -> None:
     chat = Chat(session)
     log(f"interactive chat: {CLEAR_COMMAND} starts over, Ctrl-D or Ctrl-C quits")
     while True:
-        try:
-            text = input("> ")
-        except (EOFError, KeyboardInterrupt):
-            print()
+        text = read_line("> ")
+        if text is None:
             return
         if text.strip() == CLEAR_COMMAND:
             chat.clear()
@@ -1283,11 +1564,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+        if rank == 0:
+            print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    finally:
+        if "RANK" in os.environ and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 

@@ -26,6 +26,7 @@ import argparse
 import ctypes
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field, fields, replace
@@ -176,6 +177,126 @@ class Config:
         known = {f.name for f in fields(cls)}
         kept = {k: v for k, v in raw.items() if k in known and (v is not None or k in nullable)}
         return cls(**kept)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tensor parallelism (torchrun)
+#
+# Under `torchrun --nproc-per-node N qwen3.py ...` each of the N ranks holds 1/N of the attention
+# heads, of the MLP columns and of the vocabulary, and reads only those slices of the checkpoint.
+# A column-parallel linear layer splits its output features across ranks, so it needs no
+# communication; the row-parallel layer after it splits its input features and sums the partial
+# products with one all-reduce. A mixture-of-experts layer splits its experts instead (expert
+# parallelism): each rank runs its 1/N of them, and one all-reduce sums their outputs. A plain
+# `python qwen3.py` run keeps world_size 1 and calls no torch.distributed function.
+
+world_size, rank = 1, 0  # set by init_distributed() under torchrun
+
+
+def init_distributed(device: torch.device) -> None:
+    """Join the process group that torchrun describes in the environment (NCCL on GPUs, gloo on CPUs)."""
+    global world_size, rank
+    import torch.distributed as dist
+
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    world_size, rank = dist.get_world_size(), dist.get_rank()
+
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sum `x` over the ranks in place (nothing to do in a single process)."""
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(x)
+    return x
+
+
+def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's `x` along the last dimension, in rank order."""
+    if world_size == 1:
+        return x
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(x) for _ in range(world_size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=-1)
+
+
+def broadcast_object(value):
+    """Return rank 0's `value` on every rank (a sampled token, a line of user input)."""
+    if world_size == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def split_evenly(total: int, what: str) -> int:
+    """Return this rank's share of `total` units (heads, columns, vocabulary rows), which must divide evenly."""
+    if total % world_size:
+        raise UserError(f"{what} ({total}) cannot be split evenly across {world_size} ranks; use a --nproc-per-node that divides {total}")
+    return total // world_size
+
+
+def kv_heads_of_rank(total: int) -> tuple[int, int]:
+    """Return (first, count) of the KV heads this rank needs.
+
+    With fewer KV heads than ranks (grouped-query attention on many GPUs), each KV head is copied
+    to the world_size / total ranks whose query heads read it.
+    """
+    if total % world_size == 0:
+        count = total // world_size
+        return rank * count, count
+    if world_size % total == 0:
+        return rank // (world_size // total), 1
+    raise UserError(f"{total} KV heads cannot be shared evenly by {world_size} ranks; use a --nproc-per-node that divides or is a multiple of {total}")
+
+
+class ColumnParallelLinear(nn.Linear):
+    """A linear layer whose output features are split across ranks; each rank computes its own slice.
+
+    `shard` = (dim, first, total): this rank's weight is rows first .. first + local of the
+    checkpoint's `total` rows; the loader reads only those.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, first: int | None = None, local: int | None = None):
+        local = local if local is not None else split_evenly(out_features, "output features")
+        super().__init__(in_features, local, bias=bias)
+        self.shard = (0, rank * local if first is None else first, out_features)
+
+
+class RowParallelLinear(nn.Linear):
+    """A linear layer whose input features are split across ranks; one all-reduce sums the partial products."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        local = split_evenly(in_features, "input features")
+        super().__init__(local, out_features, bias=bias)
+        self.shard = (1, rank * local, in_features)  # the bias is not split: it is added once, after the sum
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if world_size == 1:  # one fused call, so that the bias rounds as in nn.Linear (bit for bit in bfloat16)
+            return super().forward(x)
+        y = all_reduce(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias
+
+
+class ParallelEmbedding(nn.Embedding):
+    """An embedding whose vocabulary rows are split across ranks; each rank looks up the ids it holds."""
+
+    def __init__(self, vocab_size: int, dim: int):
+        local = split_evenly(vocab_size, "vocabulary size")
+        super().__init__(local, dim)
+        self.shard = (0, rank * local, vocab_size)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if world_size == 1:
+            return super().forward(tokens)
+        first = self.shard[1]
+        outside = (tokens < first) | (tokens >= first + self.num_embeddings)
+        x = F.embedding((tokens - first).masked_fill(outside, 0), self.weight)
+        return all_reduce(x.masked_fill(outside[..., None], 0))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -413,18 +534,19 @@ class Attention(nn.Module):
 
     def __init__(self, config: Config, layer_idx: int):
         super().__init__()
-        self.n_heads = config.num_attention_heads
-        self.n_kv_heads = config.num_key_value_heads
+        self.n_heads = split_evenly(config.num_attention_heads, "attention heads")  # this rank's query heads
+        kv_first, self.n_kv_heads = kv_heads_of_rank(config.num_key_value_heads)
         self.head_dim = config.head_dim
         is_sliding = config.layer_types[layer_idx] == "sliding_attention"
         self.window = config.sliding_window if is_sliding else None
         dca = config.dual_chunk_attention_config
         self.dual_chunk = None if dca is None else DualChunk.from_config(dca)
         bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=bias)
+        hd, kv_rows = self.head_dim, config.num_key_value_heads * self.head_dim
+        self.q_proj = ColumnParallelLinear(config.hidden_size, config.num_attention_heads * hd, bias=bias)
+        self.k_proj = ColumnParallelLinear(config.hidden_size, kv_rows, bias=bias, first=kv_first * hd, local=self.n_kv_heads * hd)
+        self.v_proj = ColumnParallelLinear(config.hidden_size, kv_rows, bias=bias, first=kv_first * hd, local=self.n_kv_heads * hd)
+        self.o_proj = RowParallelLinear(config.num_attention_heads * hd, config.hidden_size, bias=bias)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
@@ -496,9 +618,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = ColumnParallelLinear(hidden_size, intermediate_size)
+        self.up_proj = ColumnParallelLinear(hidden_size, intermediate_size)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -508,23 +630,32 @@ class Experts(nn.Module):
     """All experts of one MoE layer as stacked SwiGLU weights, in the layout transformers keeps in memory.
 
     gate_up_proj is (E, 2I, H): each expert's gate rows, then its up rows. down_proj is (E, H, I).
-    The hub files store every expert separately; load_model stacks them.
+    The hub files store every expert separately; load_model stacks them. Under expert parallelism
+    E is this rank's share of the experts: `shard` = (0, first, total) as for the parallel layers.
     """
 
     def __init__(self, config: Config):
         super().__init__()
-        E, I, H = config.num_experts, config.moe_intermediate_size, config.hidden_size
+        E, I, H = split_evenly(config.num_experts, "experts"), config.moe_intermediate_size, config.hidden_size
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
+        self.shard = (0, rank * E, config.num_experts)
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Mix the chosen experts' outputs for tokens x (N, H), with expert_ids and weights (N, k)."""
+        """Mix the outputs of this rank's chosen experts for tokens x (N, H), with expert_ids and weights (N, k).
+
+        Pairs routed to another rank's experts are left out; SparseMoE sums the ranks' outputs.
+        """
         N, k = expert_ids.shape
+        E = self.gate_up_proj.shape[0]
+        local_ids = expert_ids.flatten() - self.shard[1]  # index among this rank's experts
+        local_ids = local_ids.masked_fill((local_ids < 0) | (local_ids >= E), E)  # another rank's expert becomes E, which sorts last
         # Group the N * k (token, expert) pairs by expert, so each expert runs once on all of its tokens.
-        order = expert_ids.flatten().argsort(stable=True)  # (N * k,) pair indices, grouped by expert
+        order = local_ids.argsort(stable=True)  # (N * k,) pair indices, grouped by expert
+        counts = torch.bincount(local_ids, minlength=E + 1).tolist()
+        order = order[: order.numel() - counts.pop()]  # this rank's pairs only
         tokens = order // k  # the token of each pair
-        counts = torch.bincount(expert_ids.flatten(), minlength=self.gate_up_proj.shape[0]).tolist()
-        rows = x[tokens]  # (N * k, H)
+        rows = x[tokens]  # (pairs, H)
         out = torch.empty_like(rows)
         start = 0
         for expert, count in enumerate(counts):
@@ -545,7 +676,7 @@ class SparseMoE(nn.Module):
         super().__init__()
         self.top_k = config.num_experts_per_tok
         self.norm_topk_prob = config.norm_topk_prob
-        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)  # the router
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)  # the router, whole on every rank
         self.experts = Experts(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -555,7 +686,7 @@ class SparseMoE(nn.Module):
         weights, expert_ids = torch.topk(probs, self.top_k, dim=-1)  # (N, k)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        return self.experts(x, expert_ids, weights.to(x.dtype)).view(B, T, C)
+        return all_reduce(self.experts(x, expert_ids, weights.to(x.dtype))).view(B, T, C)  # the sum of every rank's experts
 
 
 class Block(nn.Module):
@@ -580,11 +711,11 @@ class Model(nn.Module):
     def __init__(self, config: Config):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = ParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        # The LM head reuses the embedding matrix unless the checkpoint has its own.
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # The LM head reuses the embedding matrix unless the checkpoint has its own; both are split by vocabulary.
+        self.lm_head = None if config.tie_word_embeddings else ColumnParallelLinear(config.hidden_size, config.vocab_size)
         inv_freq, self.rope_scale = rope_inv_freq(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         dca = config.dual_chunk_attention_config
@@ -604,7 +735,8 @@ class Model(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)
-        return F.linear(x, self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)
+        logits = F.linear(x, self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)
+        return all_gather_last_dim(logits)  # each rank computed the logits of its vocabulary slice
 
 
 # --------------------------------------------------------------------------------------------------
@@ -625,7 +757,8 @@ EXPERT_PARTS = ("gate_proj", "up_proj", "down_proj")
 
 
 def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    if rank == 0:  # under torchrun, rank 0 alone prints
+        print(message, file=sys.stderr, flush=True)
 
 
 def resolve_checkpoint(model: str) -> Path:
@@ -702,7 +835,8 @@ def parameter_name(key: str, config: Config) -> tuple[str, tuple | None] | None:
 
     The part is None for a whole parameter. The hub stores each expert on its own,
     `layers.N.mlp.experts.{e}.{gate,up,down}_proj.weight`; those fill one slice of the stacked
-    `gate_up_proj` (gate rows first, then up rows) or `down_proj`. None means the tensor is not used.
+    `gate_up_proj` (gate rows first, then up rows) or `down_proj`. None means the tensor is not used,
+    as for the experts of another rank under expert parallelism.
     """
     if key == "lm_head.weight":
         return None if config.tie_word_embeddings else ("lm_head.weight", None)
@@ -710,7 +844,10 @@ def parameter_name(key: str, config: Config) -> tuple[str, tuple | None] | None:
     head, sep, tail = name.partition(".mlp.experts.")
     expert, _, part = tail.partition(".")
     if sep and expert.isdigit() and int(expert) < config.num_experts and part.removesuffix(".weight") in EXPERT_PARTS:
-        e, part, I = int(expert), part.removesuffix(".weight"), config.moe_intermediate_size
+        local = split_evenly(config.num_experts, "experts")
+        e, part, I = int(expert) - rank * local, part.removesuffix(".weight"), config.moe_intermediate_size
+        if not 0 <= e < local:  # another rank's expert
+            return None
         if part == "down_proj":
             return f"{head}.mlp.experts.down_proj", (e,)
         rows = slice(0, I) if part == "gate_proj" else slice(I, 2 * I)
@@ -753,31 +890,54 @@ class SafetensorsFile:
     def dtype(self, key: str) -> torch.dtype:
         return SAFETENSORS_DTYPES[self.header[key]["dtype"]]
 
-    def read(self, key: str, dtype: torch.dtype | None = None, device: torch.device = torch.device("cpu"), column_major: bool = False) -> torch.Tensor:
+    def read(
+        self,
+        key: str,
+        dtype: torch.dtype | None = None,
+        device: torch.device = torch.device("cpu"),
+        column_major: bool = False,
+        shard: tuple[int, int, int] | None = None,
+    ) -> torch.Tensor:
         """Read tensor `key`, cast to `dtype` (default: as stored), onto `device`.
 
-        A column-major matrix keeps its (out, in) shape; only its strides differ.
+        `shard` = (dim, first, length) reads only indices first .. first + length - 1 along `dim`
+        (a tensor-parallel rank's slice); the other bytes are never read. A column-major matrix
+        keeps its (out, in) shape; only its strides differ.
         """
-        entry = self.header[key]
-        shape = self.shape(key)
+        shape = self.shape(key) or (1,)  # a scalar is read as one element
         source_dtype = self.dtype(key)
         dtype = dtype or source_dtype
-        begin, end = entry["data_offsets"]
+        dim, first, length = shard or (0, 0, shape[0])
+        local_shape = (*shape[:dim], length, *shape[dim + 1 :])
         if column_major:
-            out = torch.empty(shape[::-1], dtype=dtype, device=device).t()  # (out, in) view of (in, out) storage
+            out = torch.empty(local_shape[::-1], dtype=dtype, device=device).t()  # (out, in) view of (in, out) storage
         else:
-            out = torch.empty(shape, dtype=dtype, device=device)
+            out = torch.empty(local_shape, dtype=dtype, device=device)
+        if not self.shape(key):
+            out = out.view(())  # a scalar; written below through a one-element view
         if out.numel() == 0:
             return out
-        rows = out.view(1, -1) if out.ndim == 0 else out  # a scalar is one row
-        row_bytes = (end - begin) // rows.shape[0]
-        step = max(1, READ_CHUNK_BYTES // row_bytes)
-        for first in range(0, rows.shape[0], step):
-            count = min(step, rows.shape[0] - first)
-            buffer = bytearray(count * row_bytes)
-            self.file.seek(self.data_start + begin + first * row_bytes)
-            self.file.readinto(buffer)
-            rows[first : first + count] = torch.frombuffer(buffer, dtype=source_dtype).view(count, *rows.shape[1:])
+        # View the tensor as (outer, shape[dim], inner): the slice is one contiguous run of bytes per
+        # outer index, read in pieces of at most READ_CHUNK_BYTES straight into `out`.
+        outer, inner = math.prod(shape[:dim]), math.prod(shape[dim + 1 :])
+        if out.is_contiguous():
+            target = out.reshape(outer, length, inner)  # a view: `out` is contiguous
+        else:  # a column-major matrix: the same view through its strides
+            target = out.unsqueeze(0) if dim == 0 else out.unsqueeze(-1)
+        item = source_dtype.itemsize
+        begin = self.data_start + self.header[key]["data_offsets"][0]
+        rows_per_read = max(1, READ_CHUNK_BYTES // (inner * item))  # along `dim`, within one outer index
+        outers_per_read = max(1, rows_per_read // length)  # whole slices of several outer indices at once
+        for o in range(0, outer, outers_per_read):
+            o_count = min(outers_per_read, outer - o)
+            for r in range(0, length, rows_per_read):
+                r_count = min(rows_per_read, length - r)
+                run = r_count * inner * item
+                buffer = bytearray(o_count * run)
+                for i in range(o_count):
+                    self.file.seek(begin + (((o + i) * shape[dim] + first + r) * inner) * item)
+                    self.file.readinto(memoryview(buffer)[i * run : (i + 1) * run])
+                target[o : o + o_count, r : r + r_count] = torch.frombuffer(buffer, dtype=source_dtype).view(o_count, r_count, inner)
         return out
 
     def __enter__(self):
@@ -787,16 +947,18 @@ class SafetensorsFile:
         self.file.close()
 
 
-def load_model(folder: Path, config: Config, device: torch.device, dtype: torch.dtype) -> Model:
+def load_model(folder: Path, config: Config, device: torch.device, dtype: torch.dtype, max_memory: float | None = None) -> Model:
     """Build the model on the meta device, then fill it tensor by tensor from the safetensors files.
 
     Each tensor is read in chunks straight into its final dtype, device and layout, so peak memory
     stays near the size of the weights in the target dtype. A per-expert tensor is read on its own,
-    then copied into its slice of the stacked expert weights. Loading is strict: a missing,
-    unexpected or misshapen tensor raises an error that names it.
+    then copied into its slice of the stacked expert weights. Under torchrun each rank reads only
+    its own slices and experts. Loading is strict: a missing, unexpected or misshapen tensor raises
+    an error that names it. `max_memory` (GiB per rank) replaces the device's free memory in the fit check.
     """
     with torch.device("meta"):
         model = Model(config)
+    check_fit(sum(p.numel() for p in model.parameters()) * dtype.itemsize, device, max_memory)
     expected = dict(model.named_parameters())
     filled: dict[str, int] = {}  # parameter name -> elements written so far
     for file in checkpoint_files(folder):
@@ -808,16 +970,17 @@ def load_model(folder: Path, config: Config, device: torch.device, dtype: torch.
                 name, part = target
                 if name not in expected:
                     raise UserError(f"unexpected tensor {key} in {file.name}; is this a Qwen 3 checkpoint?")
-                want = tuple(expected[name].shape if part is None else expected[name][part].shape)
+                full_shape, shard = checkpoint_slice(model, name)
+                want = full_shape if part is None else tuple(expected[name][part].shape)
                 if f.shape(key) != want:
                     raise UserError(f"tensor {key} has shape {f.shape(key)}, expected {want} from config.json")
                 if part is None:
-                    set_parameter(model, name, f.read(key, dtype, device, column_major=use_column_major(want, dtype, device)))
+                    set_parameter(model, name, f.read(key, dtype, device, column_major=use_column_major(want, dtype, device), shard=shard))
                 else:
                     if name not in filled:  # the first expert of this layer: allocate the stacked tensor
                         set_parameter(model, name, torch.empty(expected[name].shape, dtype=dtype, device=device))
                     model.get_parameter(name)[part].copy_(f.read(key, dtype, device))
-                filled[name] = filled.get(name, 0) + math.prod(want)
+                filled[name] = filled.get(name, 0) + (expected[name].numel() if part is None else math.prod(want))
     missing = sorted(name for name, param in expected.items() if filled.get(name, 0) < param.numel())
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -825,6 +988,48 @@ def load_model(folder: Path, config: Config, device: torch.device, dtype: torch.
     # The RoPE buffer was built on the meta device; recompute it where the weights live.
     model.inv_freq = rope_inv_freq(config)[0].to(device)
     return model.eval()
+
+
+def checkpoint_slice(model: nn.Module, name: str) -> tuple[tuple[int, ...], tuple[int, int, int] | None]:
+    """Return the checkpoint shape of parameter `name` and the (dim, first, length) slice this rank holds."""
+    shape = tuple(model.get_parameter(name).shape)
+    module_name, _, _ = name.rpartition(".")
+    shard = getattr(model.get_submodule(module_name), "shard", None)
+    if shard is None or shard[0] >= len(shape):  # not split (a row-parallel bias is added whole)
+        return shape, None
+    dim, first, total = shard
+    return (*shape[:dim], total, *shape[dim + 1 :]), (dim, first, shape[dim])
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Return the bytes this rank may fill on `device`: free GPU memory, or available RAM shared by this machine's ranks."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu" and Path("/proc/meminfo").exists():
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return None  # unknown (MPS, or a CPU without /proc): no check
+
+
+def check_fit(weight_bytes: int, device: torch.device, max_memory: float | None) -> None:
+    """Raise a UserError before any weight is read when this rank's `weight_bytes` exceed its memory.
+
+    Every rank takes part, so that all of them stop together when any one of them lacks room.
+    """
+    available = free_memory(device) if max_memory is None else int(max_memory * 2**30)
+    ratio = torch.tensor([0.0 if available is None else weight_bytes / max(available, 1)], dtype=torch.float64, device=device)
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(ratio, op=dist.ReduceOp.MAX)
+    if ratio.item() > 1:
+        source = "--max-memory" if max_memory is not None else f"free on {device.type}"
+        needed = math.ceil(world_size * ratio.item())
+        raise UserError(
+            f"the weights need {weight_bytes / 2**30:.2f} GiB per rank but a rank has only {weight_bytes / ratio.item() / 2**30:.2f} GiB "
+            f"({source}); run on at least {needed} devices, e.g. torchrun --nproc-per-node {needed}, or pick a smaller --dtype"
+        )
 
 
 def use_column_major(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> bool:
@@ -960,10 +1165,10 @@ class LayerCache:
 
 
 class KVCache:
-    """One LayerCache per layer, for positions 0 .. max_len - 1."""
+    """One LayerCache per layer, for positions 0 .. max_len - 1, of the KV heads this rank holds."""
 
     def __init__(self, config: Config, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
-        shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
+        shape = (batch, kv_heads_of_rank(config.num_key_value_heads)[1], max_len, config.head_dim)
         self.layers = [LayerCache(shape, dtype, device) for _ in range(config.num_hidden_layers)]
         self.max_len = max_len
 
@@ -1023,7 +1228,7 @@ def generate(
     cache.ensure(end_pos)
     logits = model(torch.tensor([prompt], device=device), cache, start_pos=start_pos, last_only=True)
     for pos in range(start_pos + len(prompt), end_pos):
-        token = sample(logits[0, -1], temperature, top_k, top_p, generator)
+        token = broadcast_object(sample(logits[0, -1], temperature, top_k, top_p, generator))  # rank 0's draw
         yield token
         if token in stop_tokens or pos + 1 == end_pos:
             return
@@ -1121,14 +1326,17 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def pick_device(name: str) -> torch.device:
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))  # torchrun gives each rank of a machine its own GPU
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return torch.device("cuda", local_rank)
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is visible to torch; use --device cpu")
+    if name == "cuda":
+        return torch.device("cuda", local_rank)
     if name == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device mps: MPS is not available on this machine; use --device cpu")
     return torch.device(name)
@@ -1180,6 +1388,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="default: the checkpoint's dtype (float32 for float16 on CPU)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
     parser.add_argument("--interactive", action="store_true", help=f"multi-turn chat in the terminal; {CLEAR_COMMAND} starts over, Ctrl-D or Ctrl-C quits")
+    parser.add_argument("--max-memory", type=float, default=None, help="GiB each rank may fill with weights (default: the device's free memory)")
     parser.add_argument("--info", action="store_true", help="print sizes computed from the config without loading weights (default: the flagship checkpoint)")
     parser.add_argument(
         "--no-think",
@@ -1254,6 +1463,10 @@ def load_session(args: argparse.Namespace) -> Session:
         raise UserError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the context of {config.max_position_embeddings} tokens")
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, config, device)
+    if args.max_memory is not None and not args.max_memory > 0:
+        raise UserError(f"--max-memory {args.max_memory}: must be a positive number of GiB")
+    if "RANK" in os.environ:  # launched by torchrun
+        init_distributed(device)
 
     started = time.perf_counter()
     # The tokenizer comes first, so that a checkpoint without a chat template or a prompt too long
@@ -1266,7 +1479,7 @@ def load_session(args: argparse.Namespace) -> Session:
     if args.prompt is not None:
         # The plain encoding is a lower bound of the chat-rendered one, so this check is safe early.
         check_context(config, len(tokenizer.encode(args.prompt)), args.max_new_tokens)
-    model = load_model(folder, config, device, dtype)
+    model = load_model(folder, config, device, dtype, args.max_memory)
     chat = args.chat or args.interactive
     stops = stop_tokens(config, generation, tokenizer, chat)
     template_variables = {"enable_thinking": False} if args.no_think else {}
@@ -1289,8 +1502,10 @@ def stream_reply(session: Session, tokens: Iterator[int]) -> tuple[list[int], fl
             prefill_seconds = time.perf_counter() - started
             started = time.perf_counter()
         reply.append(token)
-        print(stream.push(token), end="", flush=True)
-    print(stream.flush())
+        if rank == 0:
+            print(stream.push(token), end="", flush=True)
+    if rank == 0:
+        print(stream.flush())
     return reply, prefill_seconds, time.perf_counter() - started
 
 
@@ -1352,14 +1567,23 @@ class Chat:
         self.messages.append({"role": "assistant", "content": self.session.tokenizer.decode(text_ids)})
 
 
+def read_line(prompt: str) -> str | None:
+    """Read a line on rank 0 and share it with every rank; None at end of input or Ctrl-C."""
+    text = None
+    if rank == 0:
+        try:
+            text = input(prompt)
+        except (EOFError, KeyboardInterrupt):
+            print()
+    return broadcast_object(text)
+
+
 def interactive(session: Session) -> None:
     chat = Chat(session)
     log(f"interactive chat: {CLEAR_COMMAND} starts over, Ctrl-D or Ctrl-C quits")
     while True:
-        try:
-            text = input("> ")
-        except (EOFError, KeyboardInterrupt):
-            print()
+        text = read_line("> ")
+        if text is None:
             return
         if text.strip() == CLEAR_COMMAND:
             chat.clear()
@@ -1407,11 +1631,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+        if rank == 0:
+            print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    finally:
+        if "RANK" in os.environ and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 

@@ -807,6 +807,30 @@ def test_cache_decoding_matches_full_forward(name, checkpoints):
     assert difference <= LOGIT_TOLERANCE, f"{name}: cached decoding differs from the full pass by {difference:.2e}"
 
 
+@pytest.mark.parametrize("name", [name for name in CASES if CASES[name].module in ("gemma3",)])
+def test_static_decode_step_matches_dynamic(name, checkpoints):
+    """The decode step of --compile (position as a tensor, attention over the whole cache), run eagerly."""
+    hf_model, folder = checkpoints(name)
+    module = importlib.import_module(CASES[name].module)
+    model = load_ours(module, folder)
+    prompt = random_tokens(hf_model.config.vocab_size, batch=1, length=6, seed=2)[0].tolist()
+    dynamic = list(module.generate(model, prompt, NEW_TOKENS))
+    static = list(module.generate(model, prompt, NEW_TOKENS, decode_step=model))
+    assert static == dynamic
+
+
+def test_gemma3_compiled_decode_matches_eager(checkpoints):
+    """torch.compile of the decode step (--compile) gives the eager greedy tokens; compiling takes about a minute."""
+    import gemma3
+
+    hf_model, folder = checkpoints("gemma3")
+    model = load_ours(gemma3, folder)
+    prompt = random_tokens(hf_model.config.vocab_size, batch=1, length=6, seed=2)[0].tolist()
+    eager = list(gemma3.generate(model, prompt, 12))
+    compiled = list(gemma3.generate(model, prompt, 12, decode_step=gemma3.compile_decode_step(model)))
+    assert compiled == eager
+
+
 # --------------------------------------------------------------------------------------------------
 # bad input: one line on stderr, exit status 2, no traceback
 
@@ -1044,7 +1068,7 @@ def test_gemma3_attention_softcap():
 
 
 # --------------------------------------------------------------------------------------------------
-# OLMo 2 and OLMo 3: config formats, YaRN, bfloat16 rounding, chat stop token
+# OLMo 2 and OLMo 3: config formats, YaRN, bfloat16 rounding, chat stop token, a KV head on two ranks
 
 # config.json dicts as the hub writes them (flat rope_theta / rope_scaling) and as transformers 5 saves them
 OLMO_ROPE_CONFIGS = {
@@ -1156,6 +1180,23 @@ def test_olmo2_chat_stops_at_end_of_turn(tmp_path):
     config = olmo2.Config(eos_token_id=0)
     assert olmo2.stop_tokens(config, {}, tokenizer, chat=False) == {0}
     assert olmo2.stop_tokens(config, {}, tokenizer, chat=True) == {0, 1}
+
+
+def test_olmo2_parallel_copied_kv_head(tmp_path):
+    """One KV head on two ranks: both hold a copy, and k_norm's mean square still matches one process."""
+    from transformers import Olmo3ForCausalLM
+
+    import olmo2
+
+    torch.manual_seed(0)
+    hf_model = Olmo3ForCausalLM(olmo3_config(num_key_value_heads=1))
+    randomise(hf_model)
+    hf_model.save_pretrained(tmp_path / "checkpoint")
+    ours = single_process_results(olmo2, load_ours(olmo2, tmp_path / "checkpoint"))
+    split = run_parallel_worker("olmo2", tmp_path / "checkpoint", tmp_path / "rank0.pt")
+    difference = max_logit_difference(split["logits"], ours["logits"])
+    assert difference <= LOGIT_TOLERANCE, f"logits on {PARALLEL_RANKS} ranks differ by {difference:.2e}"
+    assert split["greedy"] == ours["greedy"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1367,6 +1408,34 @@ def quantise_fp8_blocks(weight: torch.Tensor, block: list[int]) -> tuple[torch.T
     return quantised.view(padded.shape)[:out_dim, :in_dim].contiguous(), scale, dequantised.contiguous()
 
 
+def write_deepseek_v3_fp8_checkpoint(folder: Path, target: Path, block: list[int]) -> dict[str, torch.Tensor]:
+    """Save the checkpoint in `folder` as an FP8 one in hub format under `target`; return its dequantised tensors.
+
+    The Linear layers (`*_proj.weight`) are quantised in blocks; embeddings, norms and the router
+    stay unquantised. The weights and their scales sit in different shards, as they may on the hub.
+    """
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(folder / "model.safetensors")
+    fp8_weights, scales, dequantised = {}, {}, dict(state)
+    for key, tensor in state.items():
+        if key.endswith("_proj.weight"):
+            fp8_weights[key], scales[key + "_scale_inv"], dequantised[key] = quantise_fp8_blocks(tensor, block)
+    target.mkdir()
+    shards = {
+        "model-00001-of-00002.safetensors": {k: v for k, v in state.items() if k not in fp8_weights} | fp8_weights,
+        "model-00002-of-00002.safetensors": scales,
+    }
+    for name, tensors in shards.items():
+        save_file(tensors, target / name)
+    weight_map = {key: name for name, tensors in shards.items() for key in tensors}
+    (target / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": block}
+    (target / "config.json").write_text(json.dumps(config))
+    return dequantised
+
+
 @pytest.mark.parametrize("block", [[16, 16], [128, 128]])
 def test_deepseek_v3_fp8_checkpoint_loads(checkpoints, tmp_path, block):
     """An FP8 checkpoint (hub format, weights and scales in different shards) equals transformers on the dequantised weights."""
@@ -1376,32 +1445,16 @@ def test_deepseek_v3_fp8_checkpoint_loads(checkpoints, tmp_path, block):
     import deepseek_v3
 
     _, folder = checkpoints("deepseek_v3")
-    state = load_file(folder / "model.safetensors")
-    config = json.loads((folder / "config.json").read_text())
-    fp8_weights, scales, dequantised = {}, {}, dict(state)
-    for key, tensor in state.items():
-        if key.endswith("_proj.weight"):  # the Linear layers; embeddings, norms and the router stay unquantised
-            fp8_weights[key], scales[key + "_scale_inv"], dequantised[key] = quantise_fp8_blocks(tensor, block)
-    assert any(w.shape[0] % block[0] or w.shape[1] % block[1] for w in fp8_weights.values())  # partial blocks occur
+    fp8 = tmp_path / "fp8"
+    dequantised = write_deepseek_v3_fp8_checkpoint(folder, fp8, block)
+    quantised_shapes = [tensor.shape for key, tensor in dequantised.items() if key.endswith("_proj.weight")]
+    assert any(rows % block[0] or cols % block[1] for rows, cols in quantised_shapes)  # partial blocks occur
 
     plain = tmp_path / "dequantised"
     plain.mkdir()
     save_file(dequantised, plain / "model.safetensors")
-    (plain / "config.json").write_text(json.dumps(config))
+    (plain / "config.json").write_text((folder / "config.json").read_text())
     hf_model = DeepseekV3ForCausalLM.from_pretrained(plain, dtype=torch.float32, attn_implementation="eager").eval()
-
-    fp8 = tmp_path / "fp8"
-    fp8.mkdir()
-    shards = {
-        "model-00001-of-00002.safetensors": {k: v for k, v in state.items() if k not in fp8_weights} | fp8_weights,
-        "model-00002-of-00002.safetensors": scales,
-    }
-    for name, tensors in shards.items():
-        save_file(tensors, fp8 / name)
-    weight_map = {key: name for name, tensors in shards.items() for key in tensors}
-    (fp8 / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": block}
-    (fp8 / "config.json").write_text(json.dumps(config))
 
     ours_config, _ = deepseek_v3.read_config(fp8)
     assert ours_config.weight_block_size == tuple(block)
@@ -1420,11 +1473,115 @@ def test_deepseek_v3_fp8_checkpoint_loads(checkpoints, tmp_path, block):
     assert model.layers[1].mlp.experts[0].up_proj.weight.dtype == torch.bfloat16
 
     # An FP8 weight whose scale is missing is an error that names it.
+    weight_map = json.loads((fp8 / "model.safetensors.index.json").read_text())["weight_map"]
     del weight_map["model.layers.0.self_attn.o_proj.weight_scale_inv"]
+    scales = load_file(fp8 / "model-00002-of-00002.safetensors")
     save_file({k: v for k, v in scales.items() if k in weight_map}, fp8 / "model-00002-of-00002.safetensors")
     (fp8 / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     with pytest.raises(deepseek_v3.UserError, match="o_proj.weight_scale_inv"):
         deepseek_v3.load_model(fp8, ours_config, CPU, torch.float32)
+
+
+# Every rank's slice of the parity config is a multiple of 4 along the split dim (o_proj's 24 input
+# columns, the shared expert's 16, the dense MLP's 36, kv_b_proj's 56 rows), so 2 ranks hold whole blocks.
+FP8_PARALLEL_BLOCK = [4, 4]
+
+
+def held_bytes(model) -> int:
+    """Bytes of the parameters and persistent buffers that a loaded model holds."""
+    return sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())
+
+
+@pytest.mark.parametrize("block", [[16, 16], [128, 128]])
+def test_deepseek_v3_fp8_resident_matches_dequantised(checkpoints, tmp_path, block):
+    """FP8 weights kept resident and dequantised per matmul give the logits of weights dequantised at load."""
+    import deepseek_v3
+
+    _, folder = checkpoints("deepseek_v3")
+    fp8 = tmp_path / "fp8"
+    write_deepseek_v3_fp8_checkpoint(folder, fp8, block)
+    config, _ = deepseek_v3.read_config(fp8)
+    dequantised = deepseek_v3.load_model(fp8, config, CPU, torch.float32)
+    resident = deepseek_v3.load_model(fp8, config, CPU, torch.float32, keep_quantized=True)
+    assert isinstance(resident.layers[1].self_attn.kv_b_proj, deepseek_v3.FP8Linear)
+    assert resident.layers[1].mlp.experts[0].up_proj.weight.dtype == torch.float8_e4m3fn
+    assert resident.layers[1].mlp.shared_experts.down_proj.weight_scale_inv.dtype == torch.float32
+    assert resident.layers[1].mlp.gate.weight.dtype == torch.float32  # the router is not quantised
+    assert resident.embed_tokens.weight.dtype == torch.float32
+
+    tokens = random_tokens(256, batch=2, length=SEQUENCE_LENGTH)
+    for absorb in (True, False):  # the absorbed path dequantises kv_b_proj's weight itself
+        set_absorb(dequantised, absorb)
+        set_absorb(resident, absorb)
+        with torch.no_grad():
+            difference = max_logit_difference(resident(tokens), dequantised(tokens))
+        print(f"FP8 blocks {block}, absorb={absorb}: resident against dequantised at load, max |logit difference| = {difference:.2e}")
+        assert difference <= LOGIT_TOLERANCE, f"FP8 {block}, absorb={absorb}: resident weights change the logits by {difference:.2e}"
+    assert list(deepseek_v3.generate(resident, tokens[0, :6].tolist(), NEW_TOKENS)) == list(deepseek_v3.generate(dequantised, tokens[0, :6].tolist(), NEW_TOKENS))
+
+    # The activations keep the dtype asked for: bfloat16 around the FP8 weights.
+    resident = deepseek_v3.load_model(fp8, config, CPU, torch.bfloat16, keep_quantized=True)
+    with torch.no_grad():
+        assert resident(tokens).dtype == torch.bfloat16
+
+
+def test_deepseek_v3_fp8_resident_parallel_matches_single_process(checkpoints, tmp_path):
+    """Two ranks slice the resident FP8 weights and their scales by whole blocks and match one process."""
+    import deepseek_v3
+
+    _, folder = checkpoints("deepseek_v3")
+    fp8 = tmp_path / "fp8"
+    write_deepseek_v3_fp8_checkpoint(folder, fp8, FP8_PARALLEL_BLOCK)
+    config, _ = deepseek_v3.read_config(fp8)
+    ours = single_process_results(deepseek_v3, deepseek_v3.load_model(fp8, config, CPU, torch.float32, keep_quantized=True), seed=3)
+    split = run_parallel_worker("deepseek_v3", fp8, tmp_path / "rank0.pt", "--keep-quantized", "--seed", "3")
+    assert split["world_size"] == PARALLEL_RANKS
+    difference = max_logit_difference(split["logits"], ours["logits"])
+    print(f"deepseek_v3 resident FP8: max |logit difference| across {PARALLEL_RANKS} ranks = {difference:.2e}")
+    assert difference <= LOGIT_TOLERANCE, f"resident FP8: logits on {PARALLEL_RANKS} ranks differ by {difference:.2e}"
+    assert split["greedy"] == ours["greedy"]
+    assert split["sampled"] == ours["sampled"]
+
+
+def test_deepseek_v3_fp8_fit_check_counts_resident_bytes(checkpoints, tmp_path, monkeypatch):
+    """The fit check counts FP8 weights and their scales as held, so a budget between both sizes admits only them."""
+    import deepseek_v3
+
+    _, folder = checkpoints("deepseek_v3")
+    fp8 = tmp_path / "fp8"
+    write_deepseek_v3_fp8_checkpoint(folder, fp8, [16, 16])
+    config, _ = deepseek_v3.read_config(fp8)
+    resident = held_bytes(deepseek_v3.load_model(fp8, config, CPU, torch.float32, keep_quantized=True))
+    dequantised = held_bytes(deepseek_v3.load_model(fp8, config, CPU, torch.float32))
+    print(f"FP8 resident: {resident:,} bytes; dequantised to float32: {dequantised:,} bytes")
+    assert resident < dequantised / 2
+
+    budget = (resident + dequantised) / 2 / 2**30  # GiB
+    deepseek_v3.load_model(fp8, config, CPU, torch.float32, max_memory=budget, keep_quantized=True)
+    with pytest.raises(deepseek_v3.UserError, match=r"run on at least 2 devices"):
+        deepseek_v3.load_model(fp8, config, CPU, torch.float32, max_memory=budget)
+
+    counted = []
+    monkeypatch.setattr(deepseek_v3, "check_fit", lambda weight_bytes, device, max_memory: counted.append(weight_bytes))
+    deepseek_v3.load_model(fp8, config, CPU, torch.float32, keep_quantized=True)
+    assert counted == [resident]
+
+
+def test_deepseek_v3_fp8_unaligned_split_raises(checkpoints, tmp_path, monkeypatch):
+    """A rank whose slice of an FP8 weight cuts through its blocks stops the load with the tensor and block size."""
+    import deepseek_v3
+
+    _, folder = checkpoints("deepseek_v3")
+    fp8 = tmp_path / "fp8"
+    write_deepseek_v3_fp8_checkpoint(folder, fp8, [16, 16])  # the dense MLP's 72 columns split into 36 per rank
+    config, _ = deepseek_v3.read_config(fp8)
+    # Rank 1 of 2, without a process group: loading needs none once the fit check is skipped.
+    monkeypatch.setattr(deepseek_v3, "world_size", 2)
+    monkeypatch.setattr(deepseek_v3, "rank", 1)
+    monkeypatch.setattr(deepseek_v3, "check_fit", lambda weight_bytes, device, max_memory: None)
+    for keep_quantized in (True, False):
+        with pytest.raises(deepseek_v3.UserError, match=r"FP8 tensor model\.layers\.\d+\.\S+: .* 16 x 16 blocks; use a --nproc-per-node"):
+            deepseek_v3.load_model(fp8, config, CPU, torch.float32, keep_quantized=keep_quantized)
 
 
 def test_deepseek_v3_mtp_layer_skipped(checkpoints, tmp_path, capsys):
@@ -1963,8 +2120,114 @@ def test_gpt_oss_mxfp4_missing_scales_is_named(tmp_path):
     del tensors["model.layers.2.mlp.experts.down_proj_scales"]
     save_file(tensors, shard)
     config, _ = gpt_oss.read_config(folder)
-    with pytest.raises(gpt_oss.UserError, match="model.layers.2.mlp.experts.down_proj_scales"):
-        gpt_oss.load_model(folder, config, CPU, torch.float32)
+    for keep_quantized in (False, True):
+        with pytest.raises(gpt_oss.UserError, match="model.layers.2.mlp.experts.down_proj_scales"):
+            gpt_oss.load_model(folder, config, CPU, torch.float32, keep_quantized=keep_quantized)
+
+
+@pytest.fixture(scope="module")
+def mxfp4_folder(tmp_path_factory) -> Path:
+    """The MXFP4 checkpoint of mxfp4_reference_model(), saved once for the tests of resident experts."""
+    folder = tmp_path_factory.mktemp("gpt_oss") / "mxfp4"
+    save_mxfp4_checkpoint(mxfp4_reference_model(), folder)
+    return folder
+
+
+def test_gpt_oss_resident_mxfp4_matches_dequantized(mxfp4_folder):
+    """Experts kept in MXFP4 and dequantised per matmul give the logits and tokens of experts dequantised on load."""
+    import gpt_oss
+
+    config, _ = gpt_oss.read_config(mxfp4_folder)
+    dequantized = gpt_oss.load_model(mxfp4_folder, config, CPU, torch.float32)
+    resident = gpt_oss.load_model(mxfp4_folder, config, CPU, torch.float32, keep_quantized=True)
+    experts = resident.layers[1].mlp.experts
+    assert isinstance(experts, gpt_oss.QuantizedExperts)
+    assert experts.gate_up_proj_blocks.dtype == experts.down_proj_scales.dtype == torch.uint8
+    assert experts.gate_up_proj_bias.dtype == torch.float32
+
+    tokens = random_tokens(256, batch=2, length=SEQUENCE_LENGTH)
+    with torch.no_grad():
+        difference = max_logit_difference(resident(tokens), dequantized(tokens))
+    print(f"gpt_oss resident MXFP4 against dequantised on load (float32): max |logit difference| = {difference:.2e}")
+    assert difference <= LOGIT_TOLERANCE
+    prompt = tokens[0, :6].tolist()
+    assert list(gpt_oss.generate(resident, prompt, NEW_TOKENS)) == list(gpt_oss.generate(dequantized, prompt, NEW_TOKENS))
+
+
+def test_gpt_oss_parallel_resident_mxfp4(mxfp4_folder, tmp_path):
+    """On 2 ranks, each with the packed blocks and scales of its own experts, the results are those of one process."""
+    import gpt_oss
+
+    config, _ = gpt_oss.read_config(mxfp4_folder)
+    ours = single_process_results(gpt_oss, gpt_oss.load_model(mxfp4_folder, config, CPU, torch.float32, keep_quantized=True), seed=3)
+    split = run_parallel_worker("gpt_oss", mxfp4_folder, tmp_path / "rank0.pt", "--keep-quantized", "--seed", "3")
+    assert split["world_size"] == PARALLEL_RANKS
+    difference = max_logit_difference(split["logits"], ours["logits"])
+    print(f"gpt_oss resident MXFP4: max |logit difference| across {PARALLEL_RANKS} ranks = {difference:.2e}")
+    assert difference <= LOGIT_TOLERANCE
+    assert split["greedy"] == ours["greedy"]
+    assert split["sampled"] == ours["sampled"]
+
+
+def test_gpt_oss_fit_check_counts_resident_bytes(mxfp4_folder, monkeypatch):
+    """check_fit gets the bytes the packed experts occupy, which --info reports as the weights as published."""
+    import gpt_oss
+
+    config, _ = gpt_oss.read_config(mxfp4_folder)
+    checked = []
+    check_fit = gpt_oss.check_fit
+
+    def recording_check_fit(weight_bytes, *args):
+        checked.append(weight_bytes)
+        check_fit(weight_bytes, *args)
+
+    monkeypatch.setattr(gpt_oss, "check_fit", recording_check_fit)
+    resident = gpt_oss.load_model(mxfp4_folder, config, CPU, torch.bfloat16, keep_quantized=True)
+    dequantized = gpt_oss.load_model(mxfp4_folder, config, CPU, torch.bfloat16)
+    parameter_bytes = [sum(p.numel() * p.element_size() for p in model.parameters()) for model in (resident, dequantized)]
+    assert checked == parameter_bytes
+    assert parameter_bytes[0] < parameter_bytes[1]
+    assert gpt_oss.describe(config)["weight_bytes"] == parameter_bytes[0]  # config.dtype is bfloat16
+
+    # A budget between the two sizes takes the packed experts but not the dequantised ones.
+    budget = sum(parameter_bytes) / 2 / 2**30
+    gpt_oss.load_model(mxfp4_folder, config, CPU, torch.bfloat16, max_memory=budget, keep_quantized=True)
+    with pytest.raises(gpt_oss.UserError, match="--max-memory"):
+        gpt_oss.load_model(mxfp4_folder, config, CPU, torch.bfloat16, max_memory=budget)
+
+
+def test_gpt_oss_mxfp4_every_byte_and_scale():
+    """Every packed byte under every finite E8M0 scale dequantises to its E2M1 pair times 2^(s - 127), in each dtype."""
+    import gpt_oss
+
+    blocks = torch.arange(256, dtype=torch.uint8).repeat(255, 2).view(255, 32, 16)  # row s: every byte, twice
+    scales = torch.arange(255, dtype=torch.uint8)[:, None].expand(255, 32)  # 255 is NaN in E8M0
+    table = torch.tensor(gpt_oss.FP4_VALUES, dtype=torch.float64)
+    codes = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).view(255, 32, 32).long()  # the low nibble first
+    exact = torch.ldexp(table[codes], scales[..., None].double() - 127).view(255, 1024)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert torch.equal(gpt_oss.dequantize_mxfp4_expert(blocks, scales, dtype), exact.to(dtype)), dtype
+
+
+def test_gpt_oss_cli_dtype_auto_keeps_mxfp4(mxfp4_folder, tmp_path, monkeypatch):
+    """--dtype auto keeps the experts packed; an explicit --dtype dequantises them on load."""
+    import gpt_oss
+
+    folder = tmp_path / "with_tokenizer"
+    shutil.copytree(mxfp4_folder, folder)
+    harmony_tokenizer_folder(folder)
+    experts = []
+    load_model = gpt_oss.load_model
+
+    def recording_load_model(*args, **kwargs):
+        model = load_model(*args, **kwargs)
+        experts.append(type(model.layers[0].mlp.experts))
+        return model
+
+    monkeypatch.setattr(gpt_oss, "load_model", recording_load_model)
+    for dtype in ("auto", "float32"):
+        assert gpt_oss.main(["--model", str(folder), "--device", "cpu", "--dtype", dtype, "--prompt", "hi", "--max-new-tokens", "3"]) == 0
+    assert experts == [gpt_oss.QuantizedExperts, gpt_oss.Experts]
 
 
 @pytest.mark.parametrize("truncate", [False, True])
@@ -2240,6 +2503,24 @@ def test_qwen3_moe_both_expert_layouts_load(checkpoints, tmp_path):
         for folder in (hub, fused):
             difference = (load_ours(qwen3, folder)(tokens) - theirs).abs().max().item()
             assert difference <= LOGIT_TOLERANCE, f"{folder.name}: logits differ by {difference:.2e}"
+
+
+def test_qwen3_moe_fused_experts_on_two_ranks(checkpoints, tmp_path):
+    """On 2 ranks each rank reads its experts' slice of transformers' fused (E, ...) tensors; the logits are those of one process."""
+    from safetensors.torch import save_file
+
+    import qwen3
+
+    hf_model, hub = checkpoints("qwen3_moe")
+    fused = tmp_path / "fused"
+    fused.mkdir()
+    save_file({key: tensor.detach().clone().contiguous() for key, tensor in hf_model.state_dict().items()}, fused / "model.safetensors")
+    shutil.copy(hub / "config.json", fused / "config.json")
+    ours = single_process_results(qwen3, load_ours(qwen3, fused))
+    split = run_parallel_worker("qwen3", fused, tmp_path / "rank0.pt")
+    difference = max_logit_difference(split["logits"], ours["logits"])
+    assert difference <= LOGIT_TOLERANCE, f"fused experts on {PARALLEL_RANKS} ranks: logits differ by {difference:.2e}"
+    assert split["greedy"] == ours["greedy"]
 
 
 def test_qwen3_moe_missing_expert_is_named(checkpoints, tmp_path, capsys):
@@ -3018,6 +3299,137 @@ def test_kimi2_fp8_checkpoint_loads(checkpoints, tmp_path):
     assert difference <= LOGIT_TOLERANCE, f"FP8: logits differ by {difference:.2e}"
 
 
+# The linear layers that the tests below quantise. FP8: every projection of the decoder layers, as in
+# Kimi-K2-Instruct (kv_a_proj_with_mqa included). INT4: the routed experts, as in Kimi-K2-Thinking,
+# and for the split test also the attention's q_b_proj, kv_b_proj and o_proj, so that ranks split
+# packed weights by rows and by columns.
+KIMI2_FP8_KEY = re.compile(r"model\.layers\.\d+\..*_proj(_with_mqa)?\.weight")
+KIMI2_INT4_SPLIT_KEY = re.compile(rf"{ROUTED_EXPERT_KEY.pattern}|model\.layers\.\d+\.self_attn\.(q_b|kv_b|o)_proj\.weight")
+
+
+def write_kimi2_quantised(source: Path, folder: Path, fmt: str, size: int, pattern: re.Pattern) -> Path:
+    """Write the checkpoint in `source` to `folder` with the weights whose names match `pattern` quantised.
+
+    fmt "fp8" is float8 with one scale per size x size block (Kimi-K2-Instruct). fmt "int4" is 4-bit
+    integers packed eight to an int32 with one scale per `size` input columns (Kimi-K2-Thinking).
+    The scales and INT4 shapes go to a second shard, as on the hub.
+    """
+    from safetensors.torch import load_file
+
+    state = load_file(source / "model.safetensors")
+    config = json.loads((source / "config.json").read_text())
+    weights, companions = dict(state), {}
+    for key, tensor in state.items():
+        if not pattern.fullmatch(key):
+            continue
+        if fmt == "fp8":
+            weights[key], companions[key + "_scale_inv"], _ = quantise_fp8_blocks(tensor, [size, size])
+        else:
+            base = key.removesuffix(".weight")
+            del weights[key]
+            weights[base + ".weight_packed"], companions[base + ".weight_scale"], _ = quantise_int4_groups(tensor, size)
+            companions[base + ".weight_shape"] = torch.tensor(tensor.shape, dtype=torch.int32)
+    if fmt == "fp8":
+        config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [size, size]}
+    else:
+        config["quantization_config"] = json.loads(json.dumps(INT4_QUANTIZATION_CONFIG))
+        config["quantization_config"]["config_groups"]["group_0"]["weights"]["group_size"] = size
+    shards = {"model-00001-of-00002.safetensors": weights, "model-00002-of-00002.safetensors": companions}
+    return write_kimi2_checkpoint(folder, config, shards)
+
+
+# The published layouts with partial blocks and groups: FP8 blocks of 16 (kv_a_proj_with_mqa has 24
+# rows) and INT4 groups of 32 (a routed expert's down_proj has 40 input columns).
+KIMI2_PUBLISHED_LAYOUTS = {"fp8": (16, KIMI2_FP8_KEY), "int4": (INT4_GROUP, ROUTED_EXPERT_KEY)}
+# Layouts that 2 ranks can split: FP8 blocks of 4 fit the 36 dense-MLP and 20 shared-expert rows and
+# columns per rank; INT4 groups of 8 fit o_proj's 24 input columns per rank.
+KIMI2_SPLIT_LAYOUTS = {"fp8": (4, KIMI2_FP8_KEY), "int4": (8, KIMI2_INT4_SPLIT_KEY)}
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int4"])
+def test_kimi2_resident_weights_match_dequantised_on_load(fmt, checkpoints, tmp_path):
+    """keep_quantized (--dtype auto) keeps the FP8 or INT4 weights as published and gives the logits of dequantise-on-load."""
+    import kimi2
+
+    size, pattern = KIMI2_PUBLISHED_LAYOUTS[fmt]
+    folder = write_kimi2_quantised(checkpoints("kimi2")[1], tmp_path / fmt, fmt, size, pattern)
+    config, _ = kimi2.read_config(folder)
+    resident = kimi2.load_model(folder, config, CPU, torch.float32, keep_quantized=True)
+    on_load = kimi2.load_model(folder, config, CPU, torch.float32)
+    expert = resident.layers[1].mlp.experts[0].down_proj
+    assert isinstance(expert, kimi2.FP8Linear if fmt == "fp8" else kimi2.Int4Linear)
+    assert isinstance(resident.layers[1].self_attn.kv_a_proj_with_mqa, kimi2.FP8Linear if fmt == "fp8" else torch.nn.Linear)
+    assert torch.equal(expert.dense_weight(torch.float32), on_load.layers[1].mlp.experts[0].down_proj.weight)
+    tokens = random_tokens(256, batch=2, length=SEQUENCE_LENGTH)
+    with torch.no_grad():
+        difference = max_logit_difference(resident(tokens), on_load(tokens))
+    print(f"kimi2 {fmt}: max |logit difference| resident against dequantised on load = {difference:.2e}")
+    assert difference <= LOGIT_TOLERANCE, f"{fmt}: resident weights differ from dequantise-on-load by {difference:.2e}"
+    assert list(kimi2.generate(resident, PARALLEL_TOKENS[:6], 10)) == list(kimi2.generate(on_load, PARALLEL_TOKENS[:6], 10))
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int4"])
+def test_kimi2_fit_check_counts_resident_bytes(fmt, checkpoints, tmp_path, monkeypatch):
+    """The fit check counts what stays in memory: a budget between the resident and the dequantised size admits only the resident load."""
+    import kimi2
+
+    size, pattern = KIMI2_PUBLISHED_LAYOUTS[fmt]
+    folder = write_kimi2_quantised(checkpoints("kimi2")[1], tmp_path / fmt, fmt, size, pattern)
+    config, _ = kimi2.read_config(folder)
+    counted = []
+    check_fit = kimi2.check_fit
+
+    def counting_check_fit(weight_bytes, *args):
+        counted.append(weight_bytes)
+        check_fit(weight_bytes, *args)
+
+    monkeypatch.setattr(kimi2, "check_fit", counting_check_fit)
+    resident = kimi2.load_model(folder, config, CPU, torch.float32, keep_quantized=True)
+    on_load = kimi2.load_model(folder, config, CPU, torch.float32)
+    resident_bytes, on_load_bytes = (sum(t.nbytes for t in model.state_dict().values()) for model in (resident, on_load))
+    print(f"kimi2 {fmt}: {resident_bytes:,} bytes resident, {on_load_bytes:,} dequantised to float32")
+    assert counted == [resident_bytes, on_load_bytes]
+    assert resident_bytes < on_load_bytes
+    budget = (resident_bytes + on_load_bytes) / 2 / 2**30
+    kimi2.load_model(folder, config, CPU, torch.float32, max_memory=budget, keep_quantized=True)
+    with pytest.raises(kimi2.UserError, match="--max-memory"):
+        kimi2.load_model(folder, config, CPU, torch.float32, max_memory=budget)
+
+
+@pytest.mark.parametrize("keep", [True, False], ids=["resident", "dequantised_on_load"])
+@pytest.mark.parametrize("fmt", ["fp8", "int4"])
+def test_kimi2_parallel_quantised_matches_single_process(fmt, keep, checkpoints, tmp_path):
+    """Two ranks slice FP8 weights with their block scales, and INT4 packs with their group scales, by rows and by columns."""
+    import kimi2
+
+    size, pattern = KIMI2_SPLIT_LAYOUTS[fmt]
+    folder = write_kimi2_quantised(checkpoints("kimi2")[1], tmp_path / fmt, fmt, size, pattern)
+    config, _ = kimi2.read_config(folder)
+    ours = single_process_results(kimi2, kimi2.load_model(folder, config, CPU, torch.float32, keep_quantized=keep), seed=3)
+    options = ["--keep-quantized"] if keep else []
+    split = run_parallel_worker("kimi2", folder, tmp_path / "rank0.pt", *options, "--seed", "3")
+    assert split["world_size"] == PARALLEL_RANKS
+    difference = max_logit_difference(split["logits"], ours["logits"])
+    print(f"kimi2 {fmt} ({'resident' if keep else 'dequantised on load'}): max |logit difference| across {PARALLEL_RANKS} ranks = {difference:.2e}")
+    assert difference <= LOGIT_TOLERANCE, f"{fmt}: logits on {PARALLEL_RANKS} ranks differ by {difference:.2e}"
+    assert split["greedy"] == ours["greedy"]
+    assert split["sampled"] == ours["sampled"]
+
+
+@pytest.mark.parametrize("keep", [True, False], ids=["resident", "dequantised_on_load"])
+def test_kimi2_split_that_cuts_fp8_blocks_raises(keep, checkpoints, tmp_path, monkeypatch):
+    """On 2 ranks, slices such as kv_b_proj's 56 rows per rank would cut blocks of 16: the error names the tensor and the block size."""
+    import kimi2
+
+    folder = write_kimi2_quantised(checkpoints("kimi2")[1], tmp_path / "fp8", "fp8", *KIMI2_PUBLISHED_LAYOUTS["fp8"])
+    config, _ = kimi2.read_config(folder)
+    # Rank 0 of 2, without a process group: the fit check, the only collective of loading, is skipped.
+    monkeypatch.setattr(kimi2, "world_size", 2)
+    monkeypatch.setattr(kimi2, "check_fit", lambda *args: None)
+    with pytest.raises(kimi2.UserError, match=r"tensor model\.layers\.\d+\.\S+ cannot be split across 2 ranks: .* blocks of 16 .*--nproc-per-node"):
+        kimi2.load_model(folder, config, CPU, torch.float32, keep_quantized=keep)
+
+
 KIMI_SPECIAL_TOKENS = ["[BOS]", "[EOS]", "<|im_end|>", "<|im_user|>", "<|im_assistant|>", "<|start_header_id|>", "<|end_header_id|>", "[EOT]", "<|im_system|>", "<|im_middle|>"]
 KIMI_CHAT_TEMPLATE = (  # the shape of Kimi-K2-Instruct's turns, without its tool and system-prompt handling
     "{%- for message in messages -%}"
@@ -3302,6 +3714,19 @@ def test_qwen3_dca_greedy_matches_recomputation(name, checkpoints, tmp_path):
         for _ in range(NEW_TOKENS):
             sequence.append(int(model(torch.tensor([sequence]))[0, -1].argmax()))
     assert ours == sequence[len(prompt) :]
+
+
+def test_qwen3_dca_parallel_matches_single_process(checkpoints, tmp_path):
+    """DCA over seven chunks with the length factor on 2 ranks, each with its own heads and KV cache, matches one process."""
+    import qwen3
+
+    folder = dca_folder(checkpoints, "qwen3_moe", tmp_path / "dca", dict(SMALL_CHUNKS, original_max_position_embeddings=16))
+    ours = single_process_results(qwen3, load_qwen3(folder))
+    split = run_parallel_worker("qwen3", folder, tmp_path / "rank0.pt")
+    difference = max_logit_difference(split["logits"], ours["logits"])
+    print(f"qwen3_moe with DCA: max |logit difference| across {PARALLEL_RANKS} ranks = {difference:.2e}")
+    assert difference <= LOGIT_TOLERANCE, f"DCA on {PARALLEL_RANKS} ranks: logits differ by {difference:.2e}"
+    assert split["greedy"] == ours["greedy"]
 
 
 def test_qwen3_dca_config_checks(checkpoints, tmp_path, capsys, monkeypatch):
@@ -3605,6 +4030,48 @@ def test_grok2_5_bfloat16_keeps_router_float32(grok_checkpoint, tmp_path):
     assert ours.dtype == torch.float32  # logits come back in float32 whatever the model dtype
     # bfloat16 weights and activations: a loose bound that still catches a wrong layer.
     assert max_logit_difference(ours, full_precision) < 0.1 * full_precision.abs().max().item()
+
+
+# --------------------------------------------------------------------------------------------------
+# Grok 2.5: tensor and expert parallelism (torchrun with two CPU ranks), on the published layout
+
+
+def test_grok2_5_parallel_matches_single_process(grok_checkpoint, tmp_path):
+    folder, _ = grok_checkpoint
+    module, model = load_grok(folder)
+    ours = single_process_results(module, model, seed=3)
+    split = run_parallel_worker("grok2_5", folder, tmp_path / "rank0.pt", "--seed", "3")
+    assert split["world_size"] == PARALLEL_RANKS
+    difference = max_logit_difference(split["logits"], ours["logits"])
+    print(f"grok2_5: max |logit difference| across {PARALLEL_RANKS} ranks = {difference:.2e}")
+    assert difference <= LOGIT_TOLERANCE, f"logits on {PARALLEL_RANKS} ranks differ by {difference:.2e}"
+    assert split["greedy"] == ours["greedy"]
+    assert split["sampled"] == ours["sampled"]
+
+
+def test_grok2_5_parallel_fit_check_rejects_small_budget(grok_checkpoint):
+    folder, _ = grok_checkpoint
+    module = importlib.import_module("grok2_5")
+    config, _ = module.read_config(folder)
+    with pytest.raises(module.UserError, match=r"run on at least \d+ devices.*--nproc-per-node \d+") as error:
+        module.load_model(folder, config, CPU, torch.float32, max_memory=1e-5)
+    assert "--max-memory" in str(error.value)
+
+
+def test_grok2_5_rank_skips_other_experts(monkeypatch):
+    """Rank 1 of 2 renumbers experts 2 and 3 as its 0 and 1 and leaves the tensors of experts 0 and 1 unread."""
+    module = importlib.import_module("grok2_5")
+    config = module.Config.from_hf(GROK_TINY_CONFIG)
+    monkeypatch.setattr(module, "world_size", 2)
+    monkeypatch.setattr(module, "rank", 1)
+    prefix = "model.layers.1.block_sparse_moe."
+    assert module.parameter_name(prefix + "experts.1.w2.weight", config) is None
+    assert module.parameter_name(prefix + "experts.3.w2.weight", config) == "layers.1.block_sparse_moe.experts.1.w2.weight"
+    assert module.parameter_name(prefix + "gate.weight", config) == "layers.1.block_sparse_moe.gate.weight"
+    assert len(module.MoE(config).experts) == 2
+    monkeypatch.setattr(module, "world_size", 3)
+    with pytest.raises(module.UserError, match=r"experts \(4\) cannot be split evenly across 3 ranks"):
+        module.MoE(config)
 
 
 # --------------------------------------------------------------------------------------------------
