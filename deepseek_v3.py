@@ -7,7 +7,8 @@ decoder-only mixture-of-experts transformer with:
 - RoPE on a separate 64-dim slice of each head, interleaved pairs, YaRN scaling with its softmax correction;
 - DeepSeekMoE: sigmoid router with a load-balancing bias used for choosing experts only, group-limited
   top-k, one shared expert always on, and the first `first_k_dense_replace` layers dense;
-- FP8 (e4m3) weights with one scale per 128 x 128 block, dequantised here at load time.
+- FP8 (e4m3) weights with one scale per 128 x 128 block, kept as FP8 in memory and dequantised per
+  matrix product with the default --dtype auto, or dequantised once at load time with an explicit --dtype.
 
 This file matches `transformers`' DeepseekV3ForCausalLM logit for logit; test_parity.py proves it.
 
@@ -15,16 +16,20 @@ This file matches `transformers`' DeepseekV3ForCausalLM logit for logit; test_pa
     python deepseek_v3.py --model deepseek-ai/DeepSeek-R1 --chat --prompt "Why is the sky blue?"
     python deepseek_v3.py --model ./some/local/folder --prompt "..." --dtype bfloat16 --device cuda
 
-NOTE: the model has 671B parameters (about 1.3 TB in bfloat16) and this file puts all of them on one
-device, so the published checkpoints need a machine with that much memory on one device (or CPU RAM).
+The model has 671B parameters (673 GB as published in FP8, 1.3 TB in bfloat16). To spread
+them over several GPUs, start the file with torchrun (see "Tensor parallelism (torchrun)" below):
+
+    torchrun --nproc-per-node 8 deepseek_v3.py --prompt "The capital of France is"
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import itertools
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -157,6 +162,131 @@ class Config:
 
 
 # --------------------------------------------------------------------------------------------------
+# Tensor parallelism (torchrun)
+#
+# Under `torchrun --nproc-per-node N deepseek_v3.py ...` each of the N ranks holds 1/N of the attention
+# heads, of the dense and shared-expert MLP columns, of the routed experts and of the vocabulary, and
+# reads only those slices of the checkpoint. The small latent projections and the router stay whole
+# on every rank.
+# A column-parallel linear layer splits its output features across ranks, so it needs no
+# communication; the row-parallel layer after it splits its input features and sums the partial
+# products with one all-reduce. A plain `python deepseek_v3.py` run keeps world_size 1 and calls no
+# torch.distributed function.
+
+world_size, rank = 1, 0  # set by init_distributed() under torchrun
+
+
+def init_distributed(device: torch.device) -> None:
+    """Join the process group that torchrun describes in the environment (NCCL on GPUs, gloo on CPUs)."""
+    global world_size, rank
+    import torch.distributed as dist
+
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    world_size, rank = dist.get_world_size(), dist.get_rank()
+
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sum `x` over the ranks in place (nothing to do in a single process)."""
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(x)
+    return x
+
+
+def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's `x` along the last dimension, in rank order."""
+    if world_size == 1:
+        return x
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(x) for _ in range(world_size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=-1)
+
+
+def broadcast_object(value):
+    """Return rank 0's `value` on every rank (a sampled token, a line of user input)."""
+    if world_size == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def split_evenly(total: int, what: str) -> int:
+    """Return this rank's share of `total` units (heads, columns, vocabulary rows), which must divide evenly."""
+    if total % world_size:
+        raise UserError(f"{what} ({total}) cannot be split evenly across {world_size} ranks; use a --nproc-per-node that divides {total}")
+    return total // world_size
+
+
+def experts_of_rank(total: int) -> tuple[int, int]:
+    """Return (first, count) of the routed experts on this rank (expert parallelism: each expert stays whole)."""
+    count = split_evenly(total, "routed experts")
+    return rank * count, count
+
+
+class ColumnParallelLinear(nn.Linear):
+    """A linear layer whose output features are split across ranks; each rank computes its own slice.
+
+    `shard` = (dim, first, total): this rank's weight is rows first .. first + local of the
+    checkpoint's `total` rows; the loader reads only those.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, first: int | None = None, local: int | None = None):
+        local = local if local is not None else split_evenly(out_features, "output features")
+        super().__init__(in_features, local, bias=bias)
+        self.shard = (0, rank * local if first is None else first, out_features)
+
+
+class RowParallelLinear(nn.Linear):
+    """A linear layer whose input features are split across ranks; one all-reduce sums the partial products."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        local = split_evenly(in_features, "input features")
+        super().__init__(local, out_features, bias=bias)
+        self.shard = (1, rank * local, in_features)  # the bias is not split: it is added once, after the sum
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = all_reduce(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias
+
+
+
+class UnreducedRowParallelLinear(RowParallelLinear):
+    """A RowParallelLinear without bias that returns this rank's partial product unsummed.
+
+    The caller adds it to other partial outputs and sums them all with one all-reduce (MoE adds the
+    shared experts' output to the routed one).
+    """
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+class ParallelEmbedding(nn.Embedding):
+    """An embedding whose vocabulary rows are split across ranks; each rank looks up the ids it holds."""
+
+    def __init__(self, vocab_size: int, dim: int):
+        local = split_evenly(vocab_size, "vocabulary size")
+        super().__init__(local, dim)
+        self.shard = (0, rank * local, vocab_size)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if world_size == 1:
+            return super().forward(tokens)
+        first = self.shard[1]
+        outside = (tokens < first) | (tokens >= first + self.num_embeddings)
+        x = F.embedding((tokens - first).masked_fill(outside, 0), self.weight)
+        return all_reduce(x.masked_fill(outside[..., None], 0))
+
+
+# --------------------------------------------------------------------------------------------------
 # Layers
 
 
@@ -238,6 +368,64 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     return torch.cat((r1, r2), dim=-1)
 
 
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """Return the float32 value of a block-quantised FP8 weight.
+
+    Format (DeepSeek-V3, quantization_config {"quant_method": "fp8", "weight_block_size": [128, 128]}):
+    `weight` is float8_e4m3fn of shape (out, in); `weight_scale_inv` is float32 of shape
+    (ceil(out / 128), ceil(in / 128)), one scale per 128 x 128 block, and the real weight is
+    weight * scale. Despite its name the scale multiplies: it is the inverse of the factor that
+    quantised the block. Edge blocks are cut short where a dim is not a multiple of the block
+    (kv_a_proj_with_mqa is 576 x 7168, so its scale is 5 x 56).
+    NOTE: FP8Linear calls this before every matrix product. A GPU with native FP8 matmul could
+    multiply the FP8 weight directly instead (torch._scaled_mm with block scales), once its results
+    are checked against this path.
+    """
+    rows, cols = block
+    scale = scale_inv.float().repeat_interleave(rows, dim=0)[: weight.shape[0]]
+    scale = scale.repeat_interleave(cols, dim=1)[:, : weight.shape[1]]  # (out, in)
+    return weight.float() * scale
+
+
+class FP8Linear(nn.Module):
+    """A linear layer whose weight stays FP8 in memory, with its block scales, and is dequantised per matmul.
+
+    The loader puts it in place of a linear layer of any kind whose checkpoint weight is FP8 (with
+    --dtype auto). It keeps that layer's slice (`shard`) and bias, and the all-reduce of a
+    RowParallelLinear: `reduce` sums the partial products over the ranks before the bias is added.
+    """
+
+    def __init__(self, like: nn.Linear, block: tuple[int, int], dtype: torch.dtype):
+        super().__init__()
+        out_features, in_features = like.weight.shape  # this rank's slice
+        self.block = block
+        self.shard = getattr(like, "shard", None)
+        self.reduce = isinstance(like, RowParallelLinear) and not isinstance(like, UnreducedRowParallelLinear)
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
+        scale_shape = (math.ceil(out_features / block[0]), math.ceil(in_features / block[1]))
+        self.register_buffer("weight_scale_inv", torch.empty(scale_shape, dtype=torch.float32))
+        self.bias = like.bias
+
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        # Dequantised in float32 then cast, like the dequantise-on-load path, so both give the same weights.
+        return dequantize_fp8(self.weight, self.weight_scale_inv, self.block).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.dense_weight(x.dtype)
+        if not self.reduce:
+            return F.linear(x, weight, self.bias)
+        y = all_reduce(F.linear(x, weight))
+        return y if self.bias is None else y + self.bias
+
+
+def dense_weight(linear: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """Return the weight of a linear layer in `dtype`, dequantised when it is resident FP8."""
+    return linear.dense_weight(dtype) if isinstance(linear, FP8Linear) else linear.weight
+
+
 class Attention(nn.Module):
     """Multi-head latent attention (MLA) with a low-rank query, a shared RoPE key and YaRN.
 
@@ -250,11 +438,14 @@ class Attention(nn.Module):
     - expanded (`absorb = False`): full per-head keys and values are computed and cached, as in
       ordinary multi-head attention: num_attention_heads * (qk_head_dim + v_head_dim) values.
     For DeepSeek-V3 in bfloat16 over its 61 layers that is 70,272 bytes per token against 4,997,120.
+    Under tensor parallelism each rank computes its own heads. The absorbed path's cache is then the
+    same on every rank (the latent is shared by all heads); the expanded path caches only this
+    rank's heads.
     """
 
     def __init__(self, config: Config, layer_idx: int):
         super().__init__()
-        self.n_heads = config.num_attention_heads
+        self.n_heads = split_evenly(config.num_attention_heads, "attention heads")  # this rank's heads
         self.q_lora_rank = config.q_lora_rank
         self.kv_lora_rank = config.kv_lora_rank
         self.nope_dim = config.qk_nope_head_dim
@@ -269,17 +460,20 @@ class Attention(nn.Module):
         if config.rope_type == "yarn" and config.mscale_all_dim:
             self.scale *= yarn_mscale(config.rope_factor, config.mscale_all_dim) ** 2
 
+        # The projections into the latents (q_a_proj, kv_a_proj_with_mqa) and their norms are small and
+        # shared by all heads, so every rank keeps a full copy. The per-head projections are split by heads.
+        heads = config.num_attention_heads
         if self.q_lora_rank is None:
-            self.q_proj = nn.Linear(config.hidden_size, self.n_heads * qk_head_dim, bias=False)
+            self.q_proj = ColumnParallelLinear(config.hidden_size, heads * qk_head_dim)
         else:
             self.q_a_proj = nn.Linear(config.hidden_size, self.q_lora_rank, bias=config.attention_bias)
             # The latent norms use eps 1e-6 regardless of rms_norm_eps, as in transformers 5.25.
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, 1e-6)
-            self.q_b_proj = nn.Linear(self.q_lora_rank, self.n_heads * qk_head_dim, bias=False)
+            self.q_b_proj = ColumnParallelLinear(self.q_lora_rank, heads * qk_head_dim)
         self.kv_a_proj_with_mqa = nn.Linear(config.hidden_size, self.kv_lora_rank + self.rope_dim, bias=config.attention_bias)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, 1e-6)
-        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.v_dim, config.hidden_size, bias=config.attention_bias)
+        self.kv_b_proj = ColumnParallelLinear(self.kv_lora_rank, heads * (self.nope_dim + self.v_dim))
+        self.o_proj = RowParallelLinear(heads * self.v_dim, config.hidden_size, bias=config.attention_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int, kv: "LayerCache | None") -> torch.Tensor:
         # Shape letters: B batch, T new tokens, S keys (cached and new), nh heads, dn and dr the
@@ -329,7 +523,7 @@ class Attention(nn.Module):
         NOTE: the scores (B, nh, T, S) are materialised, which is cheap when decoding (T = 1) but takes
         nh * T * S floats per layer for a long prompt, where the expanded path's fused kernel does not.
         """
-        w_kv_b = self.kv_b_proj.weight.unflatten(0, (self.n_heads, self.nope_dim + self.v_dim))  # (h, d + v, r)
+        w_kv_b = dense_weight(self.kv_b_proj, q_nope.dtype).unflatten(0, (self.n_heads, self.nope_dim + self.v_dim))  # (h, d + v, r)
         w_uk, w_uv = w_kv_b[:, : self.nope_dim], w_kv_b[:, self.nope_dim :]  # (h, d, r), (h, v, r)
         q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)
         scores = torch.einsum("bthr,bsr->bhts", q_latent, latent) + torch.einsum("bthe,bse->bhts", q_rope, k_rope)
@@ -340,13 +534,24 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Gated MLP with SiLU (SwiGLU): down(silu(gate(x)) * up(x)). Dense layers, routed and shared experts."""
+    """Gated MLP with SiLU (SwiGLU): down(silu(gate(x)) * up(x)). Dense layers, routed and shared experts.
 
-    def __init__(self, hidden_size: int, intermediate_size: int):
+    By default the columns are split across ranks (gate and up column-parallel, down row-parallel).
+    With `reduce=False` the output is this rank's partial sum, which the caller all-reduces. A
+    routed expert (`split=False`) stays whole on the rank that holds it.
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, split: bool = True, reduce: bool = True):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        if split:
+            self.gate_proj = ColumnParallelLinear(hidden_size, intermediate_size)
+            self.up_proj = ColumnParallelLinear(hidden_size, intermediate_size)
+            row_parallel = RowParallelLinear if reduce else UnreducedRowParallelLinear
+            self.down_proj = row_parallel(intermediate_size, hidden_size)
+        else:
+            self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+            self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+            self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -390,14 +595,22 @@ class Router(nn.Module):
 
 
 class MoE(nn.Module):
-    """DeepSeekMoE: routed experts chosen per token plus shared experts that see every token."""
+    """DeepSeekMoE: routed experts chosen per token plus shared experts that see every token.
+
+    Under torchrun every rank routes all tokens (the router is whole on each rank) but loads and
+    runs only its own routed experts, `experts[i]` being expert first_expert + i. The shared
+    experts are split by columns. Each rank adds its partial shared output to its routed output,
+    and one all-reduce sums both over the ranks.
+    """
 
     def __init__(self, config: Config):
         super().__init__()
         self.gate = Router(config)
-        self.experts = nn.ModuleList(MLP(config.hidden_size, config.moe_intermediate_size) for _ in range(config.n_routed_experts))
+        self.n_routed_experts = config.n_routed_experts
+        self.first_expert, local_experts = experts_of_rank(config.n_routed_experts)
+        self.experts = nn.ModuleList(MLP(config.hidden_size, config.moe_intermediate_size, split=False) for _ in range(local_experts))
         # The shared experts are stored as one MLP n_shared_experts times wider.
-        self.shared_experts = MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+        self.shared_experts = MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts, reduce=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
@@ -406,18 +619,18 @@ class MoE(nn.Module):
         # Sort the N * k (token, expert) assignments by expert, so each expert runs once on its tokens.
         flat_ids = expert_ids.flatten()  # (N * k,)
         order = flat_ids.argsort()
-        counts = torch.bincount(flat_ids, minlength=len(self.experts)).tolist()
+        counts = torch.bincount(flat_ids, minlength=self.n_routed_experts).tolist()
+        starts = [0, *itertools.accumulate(counts)]  # expert e's assignments are order[starts[e] : starts[e + 1]]
         routed = torch.zeros_like(tokens)
-        start = 0
-        for expert, count in enumerate(counts):
-            if count == 0:
+        for index, expert in enumerate(self.experts):
+            first_slot, end_slot = starts[self.first_expert + index], starts[self.first_expert + index + 1]
+            if first_slot == end_slot:
                 continue
-            slots = order[start : start + count]  # positions in the flattened (N, k) assignments
-            start += count
+            slots = order[first_slot:end_slot]  # positions in the flattened (N, k) assignments
             token_ids = slots // expert_ids.shape[1]
-            out = self.experts[expert](tokens[token_ids]) * weights.flatten()[slots, None]  # float32 product, like transformers
+            out = expert(tokens[token_ids]) * weights.flatten()[slots, None]  # float32 product, like transformers
             routed.index_add_(0, token_ids, out.to(routed.dtype))
-        return (routed + self.shared_experts(tokens)).view(B, T, C)
+        return all_reduce(routed + self.shared_experts(tokens)).view(B, T, C)
 
 
 class Block(nn.Module):
@@ -449,10 +662,11 @@ class Model(nn.Module):
     def __init__(self, config: Config):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = ParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # The LM head reuses the embedding matrix unless the checkpoint has its own; both are split by vocabulary.
+        self.lm_head = None if config.tie_word_embeddings else ColumnParallelLinear(config.hidden_size, config.vocab_size)
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
         self.rope_factor = rope_attention_factor(config)
 
@@ -466,7 +680,8 @@ class Model(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)
-        return F.linear(x, self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)
+        logits = F.linear(x, self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)
+        return all_gather_last_dim(logits)  # each rank computed the logits of its vocabulary slice
 
 
 # --------------------------------------------------------------------------------------------------
@@ -487,10 +702,12 @@ TEXT_PREFIX = "model."
 FLOAT32_SUFFIXES = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")
 SCALE_SUFFIX = "_scale_inv"  # FP8 checkpoints store `<name>.weight_scale_inv` next to `<name>.weight`
 LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.")
+EXPERT_KEY = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")
 
 
 def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    if rank == 0:  # under torchrun, rank 0 alone prints
+        print(message, file=sys.stderr, flush=True)
 
 
 def resolve_checkpoint(model: str) -> Path:
@@ -560,40 +777,35 @@ def checkpoint_files(folder: Path) -> list[Path]:
     raise UserError(f"{folder} has no model.safetensors or model.safetensors.index.json; only safetensors checkpoints load")
 
 
+def is_mtp_tensor(key: str, config: Config) -> bool:
+    """Return whether checkpoint tensor `key` belongs to the multi-token-prediction layers (index num_hidden_layers and up)."""
+    layer = LAYER_KEY.match(key)
+    return layer is not None and int(layer.group(1)) >= config.num_hidden_layers
+
+
 def parameter_name(key: str, config: Config) -> str | None:
-    """Map a checkpoint tensor name to this file's parameter name; None means the tensor is not used.
+    """Map a checkpoint tensor name to this file's parameter name; None means this rank does not use the tensor.
 
     Layers at index num_hidden_layers and above are the multi-token-prediction module (DeepSeek-V3
     trains one extra layer that predicts the token after next; `model.layers.61.*` on the hub).
-    This file predicts one token at a time, so it skips them.
+    This file predicts one token at a time, so it skips them. Under torchrun a rank loads only its
+    own routed experts, numbered from its first one: checkpoint expert e is this rank's
+    experts[e - first], and the experts of other ranks are skipped.
     """
-    layer = LAYER_KEY.match(key)
-    if layer and int(layer.group(1)) >= config.num_hidden_layers:
+    if is_mtp_tensor(key, config):
         return None
     if key == "lm_head.weight":
         return None if config.tie_word_embeddings else "lm_head.weight"
+    expert = EXPERT_KEY.match(key)
+    if expert and int(expert.group(1)) >= config.first_k_dense_replace and int(expert.group(2)) < config.n_routed_experts:
+        first, count = experts_of_rank(config.n_routed_experts)
+        index = int(expert.group(2)) - first
+        if not 0 <= index < count:
+            return None  # another rank's expert
+        key = f"model.layers.{expert.group(1)}.mlp.experts.{index}.{key[expert.end() :]}"
     if key.startswith(TEXT_PREFIX):
         return key[len(TEXT_PREFIX) :]
     return key
-
-
-def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], key: str) -> torch.Tensor:
-    """Return the float32 value of a block-quantised FP8 weight.
-
-    Format (DeepSeek-V3, quantization_config {"quant_method": "fp8", "weight_block_size": [128, 128]}):
-    `weight` is float8_e4m3fn of shape (out, in); `weight_scale_inv` is float32 of shape
-    (ceil(out / 128), ceil(in / 128)), one scale per 128 x 128 block, and the real weight is
-    weight * scale. Despite its name the scale multiplies: it is the inverse of the factor that
-    quantised the block. Edge blocks are cut short where a dim is not a multiple of the block
-    (kv_a_proj_with_mqa is 576 x 7168, so its scale is 5 x 56).
-    """
-    rows, cols = block
-    expected = (math.ceil(weight.shape[0] / rows), math.ceil(weight.shape[1] / cols))
-    if tuple(scale_inv.shape) != expected:
-        raise UserError(f"tensor {key}{SCALE_SUFFIX} has shape {tuple(scale_inv.shape)}, expected {expected} for {tuple(weight.shape)} in {rows} x {cols} blocks")
-    scale = scale_inv.float().repeat_interleave(rows, dim=0)[: weight.shape[0]]
-    scale = scale.repeat_interleave(cols, dim=1)[:, : weight.shape[1]]  # (out, in)
-    return weight.float() * scale
 
 
 # safetensors dtype names -> torch dtypes
@@ -631,31 +843,54 @@ class SafetensorsFile:
     def dtype(self, key: str) -> torch.dtype:
         return SAFETENSORS_DTYPES[self.header[key]["dtype"]]
 
-    def read(self, key: str, dtype: torch.dtype | None = None, device: torch.device = torch.device("cpu"), column_major: bool = False) -> torch.Tensor:
+    def read(
+        self,
+        key: str,
+        dtype: torch.dtype | None = None,
+        device: torch.device = torch.device("cpu"),
+        column_major: bool = False,
+        shard: tuple[int, int, int] | None = None,
+    ) -> torch.Tensor:
         """Read tensor `key`, cast to `dtype` (default: as stored), onto `device`.
 
-        A column-major matrix keeps its (out, in) shape; only its strides differ.
+        `shard` = (dim, first, length) reads only indices first .. first + length - 1 along `dim`
+        (a tensor-parallel rank's slice); the other bytes are never read. A column-major matrix
+        keeps its (out, in) shape; only its strides differ.
         """
-        entry = self.header[key]
-        shape = self.shape(key)
+        shape = self.shape(key) or (1,)  # a scalar is read as one element
         source_dtype = self.dtype(key)
         dtype = dtype or source_dtype
-        begin, end = entry["data_offsets"]
+        dim, first, length = shard or (0, 0, shape[0])
+        local_shape = (*shape[:dim], length, *shape[dim + 1 :])
         if column_major:
-            out = torch.empty(shape[::-1], dtype=dtype, device=device).t()  # (out, in) view of (in, out) storage
+            out = torch.empty(local_shape[::-1], dtype=dtype, device=device).t()  # (out, in) view of (in, out) storage
         else:
-            out = torch.empty(shape, dtype=dtype, device=device)
+            out = torch.empty(local_shape, dtype=dtype, device=device)
+        if not self.shape(key):
+            out = out.view(())  # a scalar; written below through a one-element view
         if out.numel() == 0:
             return out
-        rows = out.view(1, -1) if out.ndim == 0 else out  # a scalar is one row
-        row_bytes = (end - begin) // rows.shape[0]
-        step = max(1, READ_CHUNK_BYTES // row_bytes)
-        for first in range(0, rows.shape[0], step):
-            count = min(step, rows.shape[0] - first)
-            buffer = bytearray(count * row_bytes)
-            self.file.seek(self.data_start + begin + first * row_bytes)
-            self.file.readinto(buffer)
-            rows[first : first + count] = torch.frombuffer(buffer, dtype=source_dtype).view(count, *rows.shape[1:])
+        # View the tensor as (outer, shape[dim], inner): the slice is one contiguous run of bytes per
+        # outer index, read in pieces of at most READ_CHUNK_BYTES straight into `out`.
+        outer, inner = math.prod(shape[:dim]), math.prod(shape[dim + 1 :])
+        if out.is_contiguous():
+            target = out.reshape(outer, length, inner)  # a view: `out` is contiguous
+        else:  # a column-major matrix: the same view through its strides
+            target = out.unsqueeze(0) if dim == 0 else out.unsqueeze(-1)
+        item = source_dtype.itemsize
+        begin = self.data_start + self.header[key]["data_offsets"][0]
+        rows_per_read = max(1, READ_CHUNK_BYTES // (inner * item))  # along `dim`, within one outer index
+        outers_per_read = max(1, rows_per_read // length)  # whole slices of several outer indices at once
+        for o in range(0, outer, outers_per_read):
+            o_count = min(outers_per_read, outer - o)
+            for r in range(0, length, rows_per_read):
+                r_count = min(rows_per_read, length - r)
+                run = r_count * inner * item
+                buffer = bytearray(o_count * run)
+                for i in range(o_count):
+                    self.file.seek(begin + (((o + i) * shape[dim] + first + r) * inner) * item)
+                    self.file.readinto(memoryview(buffer)[i * run : (i + 1) * run])
+                target[o : o + o_count, r : r + r_count] = torch.frombuffer(buffer, dtype=source_dtype).view(o_count, r_count, inner)
         return out
 
     def __enter__(self):
@@ -665,24 +900,36 @@ class SafetensorsFile:
         self.file.close()
 
 
-def load_model(folder: Path, config: Config, device: torch.device, dtype: torch.dtype) -> Model:
+def load_model(
+    folder: Path,
+    config: Config,
+    device: torch.device,
+    dtype: torch.dtype,
+    max_memory: float | None = None,
+    keep_quantized: bool = False,
+) -> Model:
     """Build the model on the meta device, then fill it tensor by tensor from the safetensors files.
 
     Each tensor is read in chunks, dequantised if it is FP8, cast to `dtype` (the router to float32)
     and moved to `device` on its own, so peak memory stays near the size of the weights in the
-    target dtype.
-    Loading is strict: a missing, unexpected or misshapen tensor raises an error that names it.
+    target dtype. With `keep_quantized`, FP8 weights stay FP8 in memory with their block scales
+    (FP8Linear) and are dequantised per matmul instead. Under torchrun each rank reads only its own
+    slices. Loading is strict: a missing, unexpected or misshapen tensor raises an error that names
+    it. `max_memory` (GiB per rank) replaces the device's free memory in the fit check.
     """
     with torch.device("meta"):
         model = Model(config)
-    # The router's correction bias is a buffer (it is not trained by gradient), so buffers count too.
-    expected = dict(model.state_dict(keep_vars=True))
     loaded, skipped = set(), 0
     with ExitStack() as stack:
         # All shards stay open because an FP8 weight and its scale may sit in different shards.
         files = checkpoint_files(folder)
         handles = [stack.enter_context(SafetensorsFile(file)) for file in files]
         where = {key: (handle, file) for handle, file in zip(handles, files) for key in handle.keys()}
+        if keep_quantized:
+            keep_fp8_resident(model, config, where)
+        check_fit(resident_bytes(model, dtype), device, max_memory)
+        # The router's correction bias and the FP8 scales are buffers (not trained by gradient), so buffers count too.
+        expected = dict(model.state_dict(keep_vars=True))
         for key, (handle, file) in where.items():
             if key.endswith(SCALE_SUFFIX):
                 if key.removesuffix(SCALE_SUFFIX) not in where:
@@ -690,24 +937,29 @@ def load_model(folder: Path, config: Config, device: torch.device, dtype: torch.
                 continue  # read with its weight
             name = parameter_name(key, config)
             if name is None:
-                skipped += key != "lm_head.weight"  # the tied LM head is not worth a log line
+                skipped += is_mtp_tensor(key, config)  # the tied LM head and other ranks' experts are not worth a log line
                 continue
             if name not in expected:
                 raise UserError(f"unexpected tensor {key} in {file.name}; is this a DeepSeek-V3 checkpoint?")
+            full_shape, shard = checkpoint_slice(model, name)
             shape = handle.shape(key)
-            if shape != expected[name].shape:
-                raise UserError(f"tensor {key} has shape {shape}, expected {tuple(expected[name].shape)} from config.json")
+            if shape != full_shape:
+                raise UserError(f"tensor {key} has shape {shape}, expected {full_shape} from config.json")
             target = torch.float32 if name.endswith(FLOAT32_SUFFIXES) else dtype
             column_major = use_column_major(shape, target, device)
-            if handle.dtype(key) in (torch.float8_e4m3fn, torch.float8_e5m2):
+            if handle.dtype(key) in FP8_DTYPES:
                 if config.weight_block_size is None or key + SCALE_SUFFIX not in where:
                     raise UserError(f"tensor {key} is FP8 but the checkpoint lacks its {key}{SCALE_SUFFIX} or config.json lacks quantization_config.weight_block_size")
-                scale_handle, _ = where[key + SCALE_SUFFIX]
-                scale = scale_handle.read(key + SCALE_SUFFIX, device=device)
-                tensor = dequantize_fp8(handle.read(key, device=device), scale, config.weight_block_size, key).to(target)
-                tensor = tensor.t().contiguous().t() if column_major else tensor
+                weight, scale = read_fp8(where, key, full_shape, shard, config.weight_block_size, device)
+                if name + SCALE_SUFFIX in expected:  # an FP8Linear: kept as stored
+                    set_parameter(model, name + SCALE_SUFFIX, scale)
+                    loaded.add(name + SCALE_SUFFIX)
+                    tensor = weight
+                else:
+                    tensor = dequantize_fp8(weight, scale, config.weight_block_size).to(target)
+                    tensor = tensor.t().contiguous().t() if column_major else tensor
             else:
-                tensor = handle.read(key, target, device, column_major=column_major)
+                tensor = handle.read(key, target, device, column_major=column_major, shard=shard)
             set_parameter(model, name, tensor)
             loaded.add(name)
     missing = sorted(set(expected) - loaded)
@@ -719,6 +971,109 @@ def load_model(folder: Path, config: Config, device: torch.device, dtype: torch.
     # The RoPE frequencies were built on the meta device; recompute them where the weights live.
     model.inv_freq = rope_inv_freq(config).to(device)
     return model.eval()
+
+
+def keep_fp8_resident(model: Model, config: Config, where: dict) -> None:
+    """Put an FP8Linear in place of each linear layer whose checkpoint weight is FP8 with block scales, still on the meta device."""
+    if config.weight_block_size is None:
+        return  # the loading loop names the FP8 tensors that cannot be read
+    for key, (handle, _) in where.items():
+        if handle.dtype(key) not in FP8_DTYPES or key + SCALE_SUFFIX not in where:
+            continue
+        name = parameter_name(key, config)
+        if name is None or not name.endswith(".weight"):
+            continue
+        module_name = name.removesuffix(".weight")
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            continue  # not a layer of this model: the loading loop names the tensor
+        if isinstance(module, nn.Linear):
+            with torch.device("meta"):
+                model.set_submodule(module_name, FP8Linear(module, config.weight_block_size, handle.dtype(key)))
+
+
+def resident_bytes(model: Model, dtype: torch.dtype) -> int:
+    """Return the bytes of this rank's weights once loaded: FP8 weights and their float32 scales as stored, the router in float32, the rest in `dtype`."""
+    total = 0
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        as_built = tensor.dtype in FP8_DTYPES or name.endswith((SCALE_SUFFIX, *FLOAT32_SUFFIXES))
+        total += tensor.numel() * (tensor.element_size() if as_built else dtype.itemsize)
+    return total
+
+
+def read_fp8(where: dict, key: str, full_shape: tuple[int, ...], shard: tuple[int, int, int] | None, block: tuple[int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read this rank's slice of FP8 weight `key` and the block scales that cover it, both as stored."""
+    rows, cols = block
+    scale_key = key + SCALE_SUFFIX
+    scale_handle, _ = where[scale_key]
+    scale_shape = (math.ceil(full_shape[0] / rows), math.ceil(full_shape[1] / cols))
+    if scale_handle.shape(scale_key) != scale_shape:
+        raise UserError(f"tensor {scale_key} has shape {scale_handle.shape(scale_key)}, expected {scale_shape} for {full_shape} in {rows} x {cols} blocks")
+    handle, _ = where[key]
+    weight = handle.read(key, device=device, shard=shard)
+    return weight, scale_handle.read(scale_key, device=device, shard=fp8_scale_slice(key, full_shape, shard, block))
+
+
+def fp8_scale_slice(key: str, full_shape: tuple[int, ...], shard: tuple[int, int, int] | None, block: tuple[int, int]) -> tuple[int, int, int] | None:
+    """Return the (dim, first, length) slice of the block scales that belongs to this rank's `shard` of FP8 weight `key`.
+
+    The slice must start on a block boundary and end on one (or at the end of the tensor), so that
+    this rank reads whole blocks and exactly their scales.
+    """
+    if shard is None:
+        return None
+    dim, first, length = shard
+    size, end = block[dim], first + length
+    if first % size or (end % size and end != full_shape[dim]):
+        raise UserError(
+            f"FP8 tensor {key}: this rank's slice {first}..{end - 1} of dim {dim} (size {full_shape[dim]}) does not fall on the "
+            f"boundaries of its {block[0]} x {block[1]} blocks; use a --nproc-per-node that splits dim {dim} into whole blocks of {size}"
+        )
+    return dim, first // size, math.ceil(end / size) - first // size
+
+
+def checkpoint_slice(model: nn.Module, name: str) -> tuple[tuple[int, ...], tuple[int, int, int] | None]:
+    """Return the checkpoint shape of parameter `name` and the (dim, first, length) slice this rank holds."""
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    shape = tuple(getattr(module, attr).shape)  # a parameter or a buffer (the router's correction bias)
+    shard = getattr(module, "shard", None)
+    if shard is None or shard[0] >= len(shape):  # not split (a row-parallel bias is added whole)
+        return shape, None
+    dim, first, total = shard
+    return (*shape[:dim], total, *shape[dim + 1 :]), (dim, first, shape[dim])
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Return the bytes this rank may fill on `device`: free GPU memory, or available RAM shared by this machine's ranks."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu" and Path("/proc/meminfo").exists():
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return None  # unknown (MPS, or a CPU without /proc): no check
+
+
+def check_fit(weight_bytes: int, device: torch.device, max_memory: float | None) -> None:
+    """Raise a UserError before any weight is read when this rank's `weight_bytes` exceed its memory.
+
+    Every rank takes part, so that all of them stop together when any one of them lacks room.
+    """
+    available = free_memory(device) if max_memory is None else int(max_memory * 2**30)
+    ratio = torch.tensor([0.0 if available is None else weight_bytes / max(available, 1)], dtype=torch.float64, device=device)
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(ratio, op=dist.ReduceOp.MAX)
+    if ratio.item() > 1:
+        source = "--max-memory" if max_memory is not None else f"free on {device.type}"
+        needed = math.ceil(world_size * ratio.item())
+        raise UserError(
+            f"the weights need {weight_bytes / 2**30:.2f} GiB per rank but a rank has only {weight_bytes / ratio.item() / 2**30:.2f} GiB "
+            f"({source}); run on at least {needed} devices, e.g. torchrun --nproc-per-node {needed}, or pick a smaller --dtype"
+        )
 
 
 def use_column_major(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> bool:
@@ -865,7 +1220,7 @@ class LayerCache:
 
 
 class KVCache:
-    """One LayerCache per layer, for positions 0 .. max_len - 1."""
+    """One LayerCache per layer, for positions 0 .. max_len - 1 (under torchrun, of the heads this rank computes)."""
 
     def __init__(self, config: Config, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
         self.layers = [LayerCache(batch, max_len, dtype, device) for _ in range(config.num_hidden_layers)]
@@ -932,7 +1287,7 @@ def generate(
     cache.ensure(end_pos)
     logits = model(torch.tensor([prompt], device=device), cache, start_pos=start_pos, last_only=True)
     for pos in range(start_pos + len(prompt), end_pos):
-        token = sample(logits[0, -1], temperature, top_k, top_p, generator)
+        token = broadcast_object(sample(logits[0, -1], temperature, top_k, top_p, generator))  # rank 0's draw
         yield token
         if token in stop_tokens or pos + 1 == end_pos:
             return
@@ -989,7 +1344,8 @@ def published_weight_bytes(model: Model, config: Config) -> int:
 
     An FP8 checkpoint stores every linear layer of the decoder layers in float8 (1 byte per weight)
     plus one float32 scale per block. The embedding, the LM head, the norms and the router are stored
-    in config.dtype.
+    in config.dtype. load_model holds the same bytes with `keep_quantized` (--dtype auto), except
+    for the router, which it holds in float32.
     """
     other_bytes = DTYPE_BYTES.get(config.dtype, BFLOAT16_BYTES)
     total = sum(p.numel() for p in model.parameters()) * other_bytes
@@ -1051,14 +1407,17 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def pick_device(name: str) -> torch.device:
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))  # torchrun gives each rank of a machine its own GPU
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return torch.device("cuda", local_rank)
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is visible to torch; use --device cpu")
+    if name == "cuda":
+        return torch.device("cuda", local_rank)
     if name == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device mps: MPS is not available on this machine; use --device cpu")
     return torch.device(name)
@@ -1110,6 +1469,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="default: the checkpoint's dtype (float32 for float16 on CPU)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
     parser.add_argument("--interactive", action="store_true", help=f"multi-turn chat in the terminal; {CLEAR_COMMAND} starts over, Ctrl-D or Ctrl-C quits")
+    parser.add_argument("--max-memory", type=float, default=None, help="GiB each rank may fill with weights (default: the device's free memory)")
     parser.add_argument("--info", action="store_true", help="print sizes computed from the config without loading weights (default: the flagship checkpoint)")
     return parser.parse_args(argv)
 
@@ -1169,6 +1529,10 @@ def load_session(args: argparse.Namespace) -> Session:
         raise UserError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the context of {config.max_position_embeddings} tokens")
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, config, device)
+    if args.max_memory is not None and not args.max_memory > 0:
+        raise UserError(f"--max-memory {args.max_memory}: must be a positive number of GiB")
+    if "RANK" in os.environ:  # launched by torchrun
+        init_distributed(device)
 
     started = time.perf_counter()
     # The tokenizer comes first, so that a checkpoint without a chat template or a prompt too long
@@ -1181,7 +1545,8 @@ def load_session(args: argparse.Namespace) -> Session:
     if args.prompt is not None:
         # The plain encoding is a lower bound of the chat-rendered one, so this check is safe early.
         check_context(config, len(tokenizer.encode(args.prompt)), args.max_new_tokens)
-    model = load_model(folder, config, device, dtype)
+    # With --dtype auto, FP8 weights stay FP8 in memory; an explicit --dtype dequantises them once, at load.
+    model = load_model(folder, config, device, dtype, args.max_memory, keep_quantized=args.dtype == "auto")
     chat = args.chat or args.interactive
     stops = stop_tokens(config, generation, tokenizer, chat)
     return Session(model, tokenizer, config, args.max_new_tokens, sampling, stops, args.seed, time.perf_counter() - started)
@@ -1203,8 +1568,10 @@ def stream_reply(session: Session, tokens: Iterator[int]) -> tuple[list[int], fl
             prefill_seconds = time.perf_counter() - started
             started = time.perf_counter()
         reply.append(token)
-        print(stream.push(token), end="", flush=True)
-    print(stream.flush())
+        if rank == 0:
+            print(stream.push(token), end="", flush=True)
+    if rank == 0:
+        print(stream.flush())
     return reply, prefill_seconds, time.perf_counter() - started
 
 
@@ -1263,14 +1630,23 @@ class Chat:
         self.messages.append({"role": "assistant", "content": self.session.tokenizer.decode(text_ids)})
 
 
+def read_line(prompt: str) -> str | None:
+    """Read a line on rank 0 and share it with every rank; None at end of input or Ctrl-C."""
+    text = None
+    if rank == 0:
+        try:
+            text = input(prompt)
+        except (EOFError, KeyboardInterrupt):
+            print()
+    return broadcast_object(text)
+
+
 def interactive(session: Session) -> None:
     chat = Chat(session)
     log(f"interactive chat: {CLEAR_COMMAND} starts over, Ctrl-D or Ctrl-C quits")
     while True:
-        try:
-            text = input("> ")
-        except (EOFError, KeyboardInterrupt):
-            print()
+        text = read_line("> ")
+        if text is None:
             return
         if text.strip() == CLEAR_COMMAND:
             chat.clear()
@@ -1313,11 +1689,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+        if rank == 0:
+            print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    finally:
+        if "RANK" in os.environ and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 

@@ -9,7 +9,8 @@ active per token, 61 layers, 64 attention heads, 384 routed experts. It has:
 - DeepSeekMoE: sigmoid router with a load-balancing bias used for choosing experts only, top-8 of 384
   experts (one expert group, so no group limit), one shared expert always on, and layer 0 dense;
 - FP8 (e4m3) weights with one scale per 128 x 128 block (Base, Instruct, Instruct-0905), or INT4 routed
-  experts with one scale per 32 input columns (Thinking), both dequantised here at load time;
+  experts with one scale per 32 input columns (Thinking), both kept so in memory with the default
+  --dtype auto and dequantised per matmul (an explicit --dtype dequantises them once, at load time);
 - a tiktoken vocabulary (tiktoken.model) with no tokenizer.json, turned into a `tokenizers` BPE here.
 
 The published config.json sets model_type "kimi_k2", which transformers 5.25 does not know. Its
@@ -19,9 +20,12 @@ leaves the routed experts unloaded). This file matches it logit for logit; test_
     python kimi2.py --prompt "The capital of France is"
     python kimi2.py --model moonshotai/Kimi-K2-Thinking --chat --prompt "Why is the sky blue?"
     python kimi2.py --model ./some/local/folder --prompt "..." --dtype bfloat16 --device cuda
+    torchrun --nproc-per-node 16 kimi2.py --prompt "..."
 
-NOTE: the model has 1.03T parameters (about 2.05 TB in bfloat16) and this file puts all of them on one
-device, so the published checkpoints need a machine with that much memory on one device (or CPU RAM).
+The model has 1.03T parameters: about 1.03 TB as the FP8 checkpoints publish them, 2.05 TB in
+bfloat16. Under torchrun each rank keeps 1/N of the attention heads, of the routed experts and of
+the other matrices (see "Tensor parallelism"); the load stops with an error before reading any
+weight when a rank's share does not fit its device.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import base64
 import binascii
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -198,6 +203,131 @@ def int4_group_size(quantization: dict) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
+# Tensor parallelism (torchrun)
+#
+# Under `torchrun --nproc-per-node N kimi2.py ...` each of the N ranks holds 1/N of the attention
+# heads, of the dense and shared-expert MLP columns, of the routed experts and of the vocabulary, and
+# reads only those slices of the checkpoint. The small latent projections and the router stay whole
+# on every rank.
+# A column-parallel linear layer splits its output features across ranks, so it needs no
+# communication; the row-parallel layer after it splits its input features and sums the partial
+# products with one all-reduce. A plain `python kimi2.py` run keeps world_size 1 and calls no
+# torch.distributed function.
+
+world_size, rank = 1, 0  # set by init_distributed() under torchrun
+
+
+def init_distributed(device: torch.device) -> None:
+    """Join the process group that torchrun describes in the environment (NCCL on GPUs, gloo on CPUs)."""
+    global world_size, rank
+    import torch.distributed as dist
+
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    world_size, rank = dist.get_world_size(), dist.get_rank()
+
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sum `x` over the ranks in place (nothing to do in a single process)."""
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(x)
+    return x
+
+
+def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's `x` along the last dimension, in rank order."""
+    if world_size == 1:
+        return x
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(x) for _ in range(world_size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=-1)
+
+
+def broadcast_object(value):
+    """Return rank 0's `value` on every rank (a sampled token, a line of user input)."""
+    if world_size == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def split_evenly(total: int, what: str) -> int:
+    """Return this rank's share of `total` units (heads, columns, vocabulary rows), which must divide evenly."""
+    if total % world_size:
+        raise UserError(f"{what} ({total}) cannot be split evenly across {world_size} ranks; use a --nproc-per-node that divides {total}")
+    return total // world_size
+
+
+def experts_of_rank(total: int) -> tuple[int, int]:
+    """Return (first, count) of the routed experts on this rank (expert parallelism: each expert stays whole)."""
+    count = split_evenly(total, "routed experts")
+    return rank * count, count
+
+
+class ColumnParallelLinear(nn.Linear):
+    """A linear layer whose output features are split across ranks; each rank computes its own slice.
+
+    `shard` = (dim, first, total): this rank's weight is rows first .. first + local of the
+    checkpoint's `total` rows; the loader reads only those.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, first: int | None = None, local: int | None = None):
+        local = local if local is not None else split_evenly(out_features, "output features")
+        super().__init__(in_features, local, bias=bias)
+        self.shard = (0, rank * local if first is None else first, out_features)
+
+
+class RowParallelLinear(nn.Linear):
+    """A linear layer whose input features are split across ranks; one all-reduce sums the partial products."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        local = split_evenly(in_features, "input features")
+        super().__init__(local, out_features, bias=bias)
+        self.shard = (1, rank * local, in_features)  # the bias is not split: it is added once, after the sum
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = all_reduce(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias
+
+
+class UnreducedRowParallelLinear(RowParallelLinear):
+    """A RowParallelLinear without bias that returns this rank's partial product unsummed.
+
+    The caller adds it to other partial outputs and sums them all with one all-reduce (MoE adds the
+    shared experts' output to the routed one).
+    """
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class ParallelEmbedding(nn.Embedding):
+    """An embedding whose vocabulary rows are split across ranks; each rank looks up the ids it holds."""
+
+    def __init__(self, vocab_size: int, dim: int):
+        local = split_evenly(vocab_size, "vocabulary size")
+        super().__init__(local, dim)
+        self.shard = (0, rank * local, vocab_size)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if world_size == 1:
+            return super().forward(tokens)
+        first = self.shard[1]
+        outside = (tokens < first) | (tokens >= first + self.num_embeddings)
+        x = F.embedding((tokens - first).masked_fill(outside, 0), self.weight)
+        return all_reduce(x.masked_fill(outside[..., None], 0))
+
+
+# --------------------------------------------------------------------------------------------------
 # Layers
 
 
@@ -291,11 +421,15 @@ class Attention(nn.Module):
     - expanded (`absorb = False`): full per-head keys and values are computed and cached, as in
       ordinary multi-head attention: num_attention_heads * (qk_head_dim + v_head_dim) values.
     For Kimi K2 in bfloat16 over its 61 layers that is 70,272 bytes per token against 2,498,560.
+    Under torchrun the query, key and value heads are split across ranks (q_b_proj and kv_b_proj
+    column-parallel, o_proj row-parallel). The latent and the RoPE key are shared by all heads, so
+    q_a_proj, kv_a_proj_with_mqa and their norms are whole on every rank, and each rank caches the
+    same latent.
     """
 
     def __init__(self, config: Config, layer_idx: int):
         super().__init__()
-        self.n_heads = config.num_attention_heads
+        self.n_heads = split_evenly(config.num_attention_heads, "attention heads")  # this rank's heads
         self.q_lora_rank = config.q_lora_rank
         self.kv_lora_rank = config.kv_lora_rank
         self.nope_dim = config.qk_nope_head_dim
@@ -310,17 +444,18 @@ class Attention(nn.Module):
         if config.rope_type == "yarn" and config.mscale_all_dim:
             self.scale *= yarn_mscale(config.rope_factor, config.mscale_all_dim) ** 2
 
+        heads = config.num_attention_heads
         if self.q_lora_rank is None:
-            self.q_proj = nn.Linear(config.hidden_size, self.n_heads * qk_head_dim, bias=False)
+            self.q_proj = ColumnParallelLinear(config.hidden_size, heads * qk_head_dim)
         else:
             self.q_a_proj = nn.Linear(config.hidden_size, self.q_lora_rank, bias=config.attention_bias)
             # The latent norms use eps 1e-6 regardless of rms_norm_eps, as in transformers 5.25.
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, 1e-6)
-            self.q_b_proj = nn.Linear(self.q_lora_rank, self.n_heads * qk_head_dim, bias=False)
+            self.q_b_proj = ColumnParallelLinear(self.q_lora_rank, heads * qk_head_dim)
         self.kv_a_proj_with_mqa = nn.Linear(config.hidden_size, self.kv_lora_rank + self.rope_dim, bias=config.attention_bias)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, 1e-6)
-        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.v_dim, config.hidden_size, bias=config.attention_bias)
+        self.kv_b_proj = ColumnParallelLinear(self.kv_lora_rank, heads * (self.nope_dim + self.v_dim))
+        self.o_proj = RowParallelLinear(heads * self.v_dim, config.hidden_size, bias=config.attention_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int, kv: "LayerCache | None") -> torch.Tensor:
         # Shape letters: B batch, T new tokens, S keys (cached and new), nh heads, dn and dr the
@@ -370,7 +505,7 @@ class Attention(nn.Module):
         NOTE: the scores (B, nh, T, S) are materialised, which is cheap when decoding (T = 1) but takes
         nh * T * S floats per layer for a long prompt, where the expanded path's fused kernel does not.
         """
-        w_kv_b = self.kv_b_proj.weight.unflatten(0, (self.n_heads, self.nope_dim + self.v_dim))  # (h, d + v, r)
+        w_kv_b = dense_weight(self.kv_b_proj, q_nope.dtype).unflatten(0, (self.n_heads, self.nope_dim + self.v_dim))  # (h, d + v, r)
         w_uk, w_uv = w_kv_b[:, : self.nope_dim], w_kv_b[:, self.nope_dim :]  # (h, d, r), (h, v, r)
         q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)
         scores = torch.einsum("bthr,bsr->bhts", q_latent, latent) + torch.einsum("bthe,bse->bhts", q_rope, k_rope)
@@ -381,16 +516,102 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Gated MLP with SiLU (SwiGLU): down(silu(gate(x)) * up(x)). Dense layers, routed and shared experts."""
+    """Gated MLP with SiLU (SwiGLU): down(silu(gate(x)) * up(x)). Dense layers, routed and shared experts.
 
-    def __init__(self, hidden_size: int, intermediate_size: int):
+    By default the columns are split across ranks (gate and up column-parallel, down row-parallel).
+    With `reduce=False` the output is this rank's partial sum, which the caller all-reduces. A
+    routed expert (`split=False`) stays whole on the rank that holds it.
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, split: bool = True, reduce: bool = True):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        if split:
+            self.gate_proj = ColumnParallelLinear(hidden_size, intermediate_size)
+            self.up_proj = ColumnParallelLinear(hidden_size, intermediate_size)
+            row_parallel = RowParallelLinear if reduce else UnreducedRowParallelLinear
+            self.down_proj = row_parallel(intermediate_size, hidden_size)
+        else:
+            self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+            self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+            self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class QuantizedLinear(nn.Module):
+    """A linear layer whose weight stays in memory as the checkpoint publishes it, and is dequantised per matmul.
+
+    The loader puts one in place of a linear layer of any kind whose checkpoint weight is FP8 or
+    INT4 (with --dtype auto). It keeps that layer's slice (`shard`) and bias, and the all-reduce of
+    a RowParallelLinear: `reduce` sums the partial products over the ranks before the bias is added.
+    `units` gives, for each stored tensor, the weight rows and columns that one of its entries
+    covers: an FP8 scale block, eight packed INT4 columns or an INT4 scale group. A slice must not
+    cut one.
+    """
+
+    units: dict[str, tuple[int, int]]
+
+    def __init__(self, like: nn.Linear, key: str):
+        super().__init__()
+        self.key = key  # the checkpoint name of the layer, for error messages
+        self.out_features, self.in_features = like.weight.shape  # this rank's slice
+        self.shard = getattr(like, "shard", None)
+        self.reduce = isinstance(like, RowParallelLinear) and not isinstance(like, UnreducedRowParallelLinear)
+        self.bias = like.bias
+
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.dense_weight(x.dtype)
+        if not self.reduce:
+            return F.linear(x, weight, self.bias)
+        y = all_reduce(F.linear(x, weight))
+        return y if self.bias is None else y + self.bias
+
+
+class FP8Linear(QuantizedLinear):
+    """A float8 weight (out, in) with one scale per block of rows x cols (Kimi-K2-Instruct); see dequantize_fp8."""
+
+    def __init__(self, like: nn.Linear, key: str, block: tuple[int, int], weight_dtype: torch.dtype, scale_dtype: torch.dtype):
+        super().__init__(like, key)
+        self.block = block
+        self.units = {"weight": (1, 1), "weight_scale_inv": block}
+        rows, cols = block
+        scales = (math.ceil(self.out_features / rows), math.ceil(self.in_features / cols))
+        device = like.weight.device
+        self.register_buffer("weight", torch.empty(self.out_features, self.in_features, dtype=weight_dtype, device=device))
+        self.register_buffer("weight_scale_inv", torch.empty(scales, dtype=scale_dtype, device=device))
+
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """Return the weight in `dtype`: dequantised in float32 then cast, like the dequantise-on-load path.
+
+        NOTE: a GPU with native FP8 matmul could multiply the FP8 weight directly instead
+        (torch._scaled_mm with block scales), once its results are checked against this path.
+        """
+        return dequantize_fp8(self.weight, self.weight_scale_inv, self.block, self.key + ".weight").to(dtype)
+
+
+class Int4Linear(QuantizedLinear):
+    """INT4 weights packed eight to an int32, with one scale per group of input columns (Kimi-K2-Thinking's routed experts); see dequantize_int4."""
+
+    def __init__(self, like: nn.Linear, key: str, group_size: int, scale_dtype: torch.dtype):
+        super().__init__(like, key)
+        self.group_size = group_size
+        self.units = {"weight_packed": (1, 8), "weight_scale": (1, group_size)}
+        device = like.weight.device
+        self.register_buffer("weight_packed", torch.empty(self.out_features, math.ceil(self.in_features / 8), dtype=torch.int32, device=device))
+        self.register_buffer("weight_scale", torch.empty(self.out_features, math.ceil(self.in_features / group_size), dtype=scale_dtype, device=device))
+
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        shape = (self.out_features, self.in_features)
+        return dequantize_int4(self.weight_packed, self.weight_scale, shape, self.group_size, self.key).to(dtype)
+
+
+def dense_weight(linear: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """Return the weight of a linear layer in `dtype`, dequantised when it is kept quantised."""
+    return linear.dense_weight(dtype) if isinstance(linear, QuantizedLinear) else linear.weight
 
 
 class Router(nn.Module):
@@ -433,14 +654,20 @@ class Router(nn.Module):
 
 
 class MoE(nn.Module):
-    """DeepSeekMoE: routed experts chosen per token plus shared experts that see every token."""
+    """DeepSeekMoE: routed experts chosen per token plus shared experts that see every token.
+
+    Under torchrun each rank keeps n_routed_experts / N whole experts (expert parallelism) and 1/N of
+    the shared experts' columns. Every rank routes every token and runs its own experts on the tokens
+    routed to them. One all-reduce then sums the routed and shared partial outputs of all ranks.
+    """
 
     def __init__(self, config: Config):
         super().__init__()
         self.gate = Router(config)
-        self.experts = nn.ModuleList(MLP(config.hidden_size, config.moe_intermediate_size) for _ in range(config.n_routed_experts))
+        self.first_expert, count = experts_of_rank(config.n_routed_experts)
+        self.experts = nn.ModuleList(MLP(config.hidden_size, config.moe_intermediate_size, split=False) for _ in range(count))
         # The shared experts are stored as one MLP n_shared_experts times wider.
-        self.shared_experts = MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+        self.shared_experts = MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts, reduce=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
@@ -449,10 +676,10 @@ class MoE(nn.Module):
         # Sort the N * k (token, expert) assignments by expert, so each expert runs once on its tokens.
         flat_ids = expert_ids.flatten()  # (N * k,)
         order = flat_ids.argsort()
-        counts = torch.bincount(flat_ids, minlength=len(self.experts)).tolist()
+        counts = torch.bincount(flat_ids, minlength=self.gate.weight.shape[0]).tolist()
         routed = torch.zeros_like(tokens)
-        start = 0
-        for expert, count in enumerate(counts):
+        start = sum(counts[: self.first_expert])  # the assignments of the experts that lower ranks hold
+        for expert, count in enumerate(counts[self.first_expert : self.first_expert + len(self.experts)]):
             if count == 0:
                 continue
             slots = order[start : start + count]  # positions in the flattened (N, k) assignments
@@ -460,7 +687,8 @@ class MoE(nn.Module):
             token_ids = slots // expert_ids.shape[1]
             out = self.experts[expert](tokens[token_ids]) * weights.flatten()[slots, None]  # float32 product, like transformers
             routed.index_add_(0, token_ids, out.to(routed.dtype))
-        return (routed + self.shared_experts(tokens)).view(B, T, C)
+        # This rank's experts and its slice of the shared experts each gave a partial sum; one all-reduce adds them up.
+        return all_reduce(routed + self.shared_experts(tokens)).view(B, T, C)
 
 
 class Block(nn.Module):
@@ -492,10 +720,11 @@ class Model(nn.Module):
     def __init__(self, config: Config):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = ParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # The LM head reuses the embedding matrix unless the checkpoint has its own; both are split by vocabulary.
+        self.lm_head = None if config.tie_word_embeddings else ColumnParallelLinear(config.hidden_size, config.vocab_size)
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
         self.rope_factor = rope_attention_factor(config)
 
@@ -509,7 +738,8 @@ class Model(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)
-        return F.linear(x, self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)
+        logits = F.linear(x, self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)
+        return all_gather_last_dim(logits)  # each rank computed the logits of its vocabulary slice
 
 
 # --------------------------------------------------------------------------------------------------
@@ -536,10 +766,13 @@ PACKED_SUFFIX = ".weight_packed"  # INT4 checkpoints store `<name>.weight_packed
 # and `<name>.weight_shape` next to `<name>.weight_packed`.
 COMPANIONS = {".weight_scale_inv": ".weight", ".weight_scale": PACKED_SUFFIX, ".weight_shape": PACKED_SUFFIX}
 LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.")
+EXPERT_KEY = re.compile(r"(model\.layers\.\d+\.mlp\.experts\.)(\d+)\.")  # a routed expert's tensor; group 2 is its index
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    if rank == 0:  # under torchrun, rank 0 alone prints
+        print(message, file=sys.stderr, flush=True)
 
 
 def resolve_checkpoint(model: str) -> Path:
@@ -615,11 +848,19 @@ def parameter_name(key: str, config: Config) -> str | None:
     Layers at index num_hidden_layers and above are the multi-token-prediction module. DeepSeek-V3
     trains one extra layer that predicts the token after next (`model.layers.61.*` on its hub repos).
     Kimi K2 publishes none (num_nextn_predict_layers 0). This file predicts one token at a time, so
-    it skips such layers wherever they appear.
+    it skips such layers wherever they appear. Under torchrun a routed expert maps to its index
+    among this rank's experts, and to None on the other ranks.
     """
     layer = LAYER_KEY.match(key)
     if layer and int(layer.group(1)) >= config.num_hidden_layers:
         return None
+    expert = EXPERT_KEY.match(key)
+    if expert:
+        first, count = experts_of_rank(config.n_routed_experts)
+        index = int(expert.group(2)) - first
+        if not 0 <= index < count:
+            return None  # another rank holds this expert
+        key = f"{expert.group(1)}{index}.{key[expert.end() :]}"
     if key == "lm_head.weight":
         return None if config.tie_word_embeddings else "lm_head.weight"
     if key.startswith(TEXT_PREFIX):
@@ -707,31 +948,54 @@ class SafetensorsFile:
     def dtype(self, key: str) -> torch.dtype:
         return SAFETENSORS_DTYPES[self.header[key]["dtype"]]
 
-    def read(self, key: str, dtype: torch.dtype | None = None, device: torch.device = torch.device("cpu"), column_major: bool = False) -> torch.Tensor:
+    def read(
+        self,
+        key: str,
+        dtype: torch.dtype | None = None,
+        device: torch.device = torch.device("cpu"),
+        column_major: bool = False,
+        shard: tuple[int, int, int] | None = None,
+    ) -> torch.Tensor:
         """Read tensor `key`, cast to `dtype` (default: as stored), onto `device`.
 
-        A column-major matrix keeps its (out, in) shape; only its strides differ.
+        `shard` = (dim, first, length) reads only indices first .. first + length - 1 along `dim`
+        (a tensor-parallel rank's slice); the other bytes are never read. A column-major matrix
+        keeps its (out, in) shape; only its strides differ.
         """
-        entry = self.header[key]
-        shape = self.shape(key)
+        shape = self.shape(key) or (1,)  # a scalar is read as one element
         source_dtype = self.dtype(key)
         dtype = dtype or source_dtype
-        begin, end = entry["data_offsets"]
+        dim, first, length = shard or (0, 0, shape[0])
+        local_shape = (*shape[:dim], length, *shape[dim + 1 :])
         if column_major:
-            out = torch.empty(shape[::-1], dtype=dtype, device=device).t()  # (out, in) view of (in, out) storage
+            out = torch.empty(local_shape[::-1], dtype=dtype, device=device).t()  # (out, in) view of (in, out) storage
         else:
-            out = torch.empty(shape, dtype=dtype, device=device)
+            out = torch.empty(local_shape, dtype=dtype, device=device)
+        if not self.shape(key):
+            out = out.view(())  # a scalar; written below through a one-element view
         if out.numel() == 0:
             return out
-        rows = out.view(1, -1) if out.ndim == 0 else out  # a scalar is one row
-        row_bytes = (end - begin) // rows.shape[0]
-        step = max(1, READ_CHUNK_BYTES // row_bytes)
-        for first in range(0, rows.shape[0], step):
-            count = min(step, rows.shape[0] - first)
-            buffer = bytearray(count * row_bytes)
-            self.file.seek(self.data_start + begin + first * row_bytes)
-            self.file.readinto(buffer)
-            rows[first : first + count] = torch.frombuffer(buffer, dtype=source_dtype).view(count, *rows.shape[1:])
+        # View the tensor as (outer, shape[dim], inner): the slice is one contiguous run of bytes per
+        # outer index, read in pieces of at most READ_CHUNK_BYTES straight into `out`.
+        outer, inner = math.prod(shape[:dim]), math.prod(shape[dim + 1 :])
+        if out.is_contiguous():
+            target = out.reshape(outer, length, inner)  # a view: `out` is contiguous
+        else:  # a column-major matrix: the same view through its strides
+            target = out.unsqueeze(0) if dim == 0 else out.unsqueeze(-1)
+        item = source_dtype.itemsize
+        begin = self.data_start + self.header[key]["data_offsets"][0]
+        rows_per_read = max(1, READ_CHUNK_BYTES // (inner * item))  # along `dim`, within one outer index
+        outers_per_read = max(1, rows_per_read // length)  # whole slices of several outer indices at once
+        for o in range(0, outer, outers_per_read):
+            o_count = min(outers_per_read, outer - o)
+            for r in range(0, length, rows_per_read):
+                r_count = min(rows_per_read, length - r)
+                run = r_count * inner * item
+                buffer = bytearray(o_count * run)
+                for i in range(o_count):
+                    self.file.seek(begin + (((o + i) * shape[dim] + first + r) * inner) * item)
+                    self.file.readinto(memoryview(buffer)[i * run : (i + 1) * run])
+                target[o : o + o_count, r : r + r_count] = torch.frombuffer(buffer, dtype=source_dtype).view(o_count, r_count, inner)
         return out
 
     def __enter__(self):
@@ -741,43 +1005,55 @@ class SafetensorsFile:
         self.file.close()
 
 
-def load_model(folder: Path, config: Config, device: torch.device, dtype: torch.dtype) -> Model:
+def load_model(
+    folder: Path, config: Config, device: torch.device, dtype: torch.dtype, max_memory: float | None = None, keep_quantized: bool = False
+) -> Model:
     """Build the model on the meta device, then fill it tensor by tensor from the safetensors files.
 
     Each tensor is read in chunks, dequantised if it is FP8 or INT4, cast to `dtype` (the router to
     float32) and moved to `device` on its own. Peak memory therefore stays near the size of the
-    weights in the target dtype.
-    Loading is strict: a missing, unexpected or misshapen tensor raises an error that names it.
+    weights in the target dtype. With `keep_quantized` the FP8 and INT4 weights of the decoder
+    layers stay as published instead (FP8Linear, Int4Linear), and each matmul dequantises its own.
+    Under torchrun each rank reads only its own slices. Loading is strict: a missing, unexpected or
+    misshapen tensor raises an error that names it. `max_memory` (GiB per rank) replaces the
+    device's free memory in the fit check.
     """
-    with torch.device("meta"):
-        model = Model(config)
-    # The router's correction bias is a buffer (it is not trained by gradient), so buffers count too.
-    expected = dict(model.state_dict(keep_vars=True))
     loaded, skipped = set(), 0
     with ExitStack() as stack:
         # All shards stay open because a quantised weight and its scale may sit in different shards.
         files = checkpoint_files(folder)
         handles = [stack.enter_context(SafetensorsFile(file)) for file in files]
         where = {key: (handle, file) for handle, file in zip(handles, files) for key in handle.keys()}
+        with torch.device("meta"):
+            model = Model(config)
+        if keep_quantized:
+            keep_published(model, where, config)
+        # The router's correction bias is a buffer (it is not trained by gradient), so buffers count too.
+        expected = dict(model.state_dict(keep_vars=True))
+        check_fit(sum(t.numel() * (load_dtype(model, name, dtype) or t.dtype).itemsize for name, t in expected.items()), device, max_memory)
         for key, (handle, file) in where.items():
+            name = parameter_name(key, config)
             suffix = next((suffix for suffix in COMPANIONS if key.endswith(suffix)), None)
-            if suffix is not None:
+            if suffix is not None and name not in expected:
                 owner = key.removesuffix(suffix) + COMPANIONS[suffix]
                 if owner not in where:
                     raise UserError(f"unexpected tensor {key} in {file.name}: there is no {owner} that it belongs to")
-                continue  # read with its weight
-            packed = key.endswith(PACKED_SUFFIX)
-            name = parameter_name(key.removesuffix(PACKED_SUFFIX) + ".weight" if packed else key, config)
+                continue  # read with its weight (a layer kept quantised loads its scales as tensors of its own instead)
             if name is None:
-                skipped += key != "lm_head.weight"  # the tied LM head is not worth a log line
+                layer = LAYER_KEY.match(key)
+                # Only multi-token-prediction tensors count, not the tied LM head or another rank's experts.
+                skipped += bool(layer) and int(layer.group(1)) >= config.num_hidden_layers
                 continue
+            packed = key.endswith(PACKED_SUFFIX) and name not in expected  # unpacked into the layer's `weight`
+            name = name.removesuffix(PACKED_SUFFIX) + ".weight" if packed else name
             if name not in expected:
                 raise UserError(f"unexpected tensor {key} in {file.name}; is this a Kimi K2 or DeepSeek-V3 checkpoint?")
+            full_shape, shard = checkpoint_slice(model, name)
             shape = tuple(read_companion(where, key, ".weight_shape", device).tolist()) if packed else handle.shape(key)
-            if shape != expected[name].shape:
-                raise UserError(f"tensor {key} has shape {shape}, expected {tuple(expected[name].shape)} from config.json")
-            target = torch.float32 if name.endswith(FLOAT32_SUFFIXES) else dtype
-            set_parameter(model, name, read_weight(where, key, config, target, device, use_column_major(shape, target, device)))
+            if shape != full_shape:
+                raise UserError(f"tensor {key} has shape {shape}, expected {full_shape} from config.json")
+            target = load_dtype(model, name, dtype)
+            set_parameter(model, name, read_weight(where, key, config, target, device, use_column_major(shape, target, device), shard))
             loaded.add(name)
     missing = sorted(set(expected) - loaded)
     if missing:
@@ -790,33 +1066,174 @@ def load_model(folder: Path, config: Config, device: torch.device, dtype: torch.
     return model.eval()
 
 
-def read_companion(where: dict, key: str, suffix: str, device: torch.device) -> torch.Tensor:
-    """Read the tensor stored next to weight `key` under `suffix` (a scale or a shape), or raise if it is missing."""
-    base = key.removesuffix(PACKED_SUFFIX).removesuffix(".weight")
-    companion = base + suffix
+def keep_published(model: Model, where: dict, config: Config) -> None:
+    """Put an FP8Linear or Int4Linear in place of each decoder-layer linear layer whose checkpoint weight is FP8 or INT4.
+
+    The new layers are on the meta device like the rest, with the shapes and dtypes of the
+    checkpoint's tensors, so that the fit check counts the bytes they will take.
+    """
+    modules = dict(model.named_modules())
+    for key, (handle, _) in where.items():
+        if key.endswith(PACKED_SUFFIX) and config.weight_group_size is not None:
+            base = key.removesuffix(PACKED_SUFFIX)
+        elif key.endswith(".weight") and handle.dtype(key) in FP8_DTYPES and config.weight_block_size is not None:
+            base = key.removesuffix(".weight")
+        else:
+            continue  # not quantised, or without a quantization_config (read_weight then raises)
+        name = parameter_name(base + ".weight", config)
+        module_name = (name or "").removesuffix(".weight")
+        linear = modules.get(module_name)
+        if not module_name.startswith("layers.") or not isinstance(linear, nn.Linear):
+            continue  # another rank's expert, or dequantised on load (a layer outside the decoder layers, an unexpected tensor)
+        if key.endswith(PACKED_SUFFIX):
+            full_shape, _ = checkpoint_slice(model, name)
+            shape = tuple(read_companion(where, key, ".weight_shape", torch.device("cpu")).tolist())
+            if shape != full_shape:
+                raise UserError(f"tensor {key} has shape {shape}, expected {full_shape} from config.json")
+            layer = Int4Linear(linear, base, config.weight_group_size, companion_dtype(where, key, ".weight_scale"))
+        else:
+            layer = FP8Linear(linear, base, config.weight_block_size, handle.dtype(key), companion_dtype(where, key, ".weight" + SCALE_SUFFIX))
+        parent, _, child = module_name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
+
+
+def load_dtype(model: Model, name: str, dtype: torch.dtype) -> torch.dtype | None:
+    """Return the dtype tensor `name` is loaded in: None (as stored) for a weight or scale kept quantised, float32 for the router, else `dtype`."""
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if isinstance(module, QuantizedLinear) and attr in module.units:
+        return None
+    return torch.float32 if name.endswith(FLOAT32_SUFFIXES) else dtype
+
+
+def checkpoint_slice(model: nn.Module, name: str) -> tuple[tuple[int, ...], tuple[int, int, int] | None]:
+    """Return the checkpoint shape of parameter or buffer `name` and the (dim, first, length) slice this rank holds.
+
+    A weight or scale kept quantised is split like its layer's weight, in units of its entries.
+    """
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    shape = tuple(getattr(module, attr).shape)
+    shard = getattr(module, "shard", None)
+    if shard is None or shard[0] >= len(shape):  # not split (a row-parallel bias is added whole)
+        return shape, None
+    dim, first, total = shard
+    if isinstance(module, QuantizedLinear) and attr in module.units:
+        units, weight_shape = module.units[attr], [module.out_features, module.in_features]
+        weight_slice = (dim, first, weight_shape[dim])
+        weight_shape[dim] = total
+        full_shape = (*shape[:dim], math.ceil(total / units[dim]), *shape[dim + 1 :])
+        return full_shape, stored_slice(weight_slice, units, tuple(weight_shape), f"{module.key}.{attr}")
+    return (*shape[:dim], total, *shape[dim + 1 :]), (dim, first, shape[dim])
+
+
+def stored_slice(shard: tuple[int, int, int] | None, units: tuple[int, int], shape: tuple[int, int], key: str) -> tuple[int, int, int] | None:
+    """Map a slice (dim, first, length) of a weight of `shape` to the slice of tensor `key`, one entry of which covers `units` = (rows, columns) of the weight.
+
+    The entries are FP8 scale blocks, eight INT4 columns packed in an int32, or INT4 scale groups. A
+    slice that would cut one raises a UserError. All ranks have slices of equal length, so they all raise.
+    """
+    if shard is None:
+        return None
+    dim, first, length = shard
+    unit = units[dim]
+    if length % unit and length != shape[dim]:
+        axis_name = ("rows", "columns")[dim]
+        raise UserError(
+            f"tensor {key} cannot be split across {world_size} ranks: {length} of its weight's {shape[dim]} {axis_name} per rank would cut "
+            f"its blocks of {unit} {axis_name}; use a --nproc-per-node that splits {shape[dim]} into multiples of {unit}"
+        )
+    return dim, first // unit, math.ceil((first + length) / unit) - first // unit
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Return the bytes this rank may fill on `device`: free GPU memory, or available RAM shared by this machine's ranks."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu" and Path("/proc/meminfo").exists():
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return None  # unknown (MPS, or a CPU without /proc): no check
+
+
+def check_fit(weight_bytes: int, device: torch.device, max_memory: float | None) -> None:
+    """Raise a UserError before any weight is read when this rank's `weight_bytes` exceed its memory.
+
+    Every rank takes part, so that all of them stop together when any one of them lacks room.
+    """
+    available = free_memory(device) if max_memory is None else int(max_memory * 2**30)
+    ratio = torch.tensor([0.0 if available is None else weight_bytes / max(available, 1)], dtype=torch.float64, device=device)
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(ratio, op=dist.ReduceOp.MAX)
+    if ratio.item() > 1:
+        source = "--max-memory" if max_memory is not None else f"free on {device.type}"
+        needed = math.ceil(world_size * ratio.item())
+        raise UserError(
+            f"the weights need {weight_bytes / 2**30:.2f} GiB per rank but a rank has only {weight_bytes / ratio.item() / 2**30:.2f} GiB "
+            f"({source}); run on at least {needed} devices, e.g. torchrun --nproc-per-node {needed}, or pick a smaller --dtype"
+        )
+
+
+def companion_key(where: dict, key: str, suffix: str) -> str:
+    """Return the name of the tensor stored next to weight `key` under `suffix` (a scale or a shape), or raise if it is missing."""
+    companion = key.removesuffix(PACKED_SUFFIX).removesuffix(".weight") + suffix
     if companion not in where:
         raise UserError(f"tensor {key} is quantised but the checkpoint lacks its {companion}")
+    return companion
+
+
+def companion_dtype(where: dict, key: str, suffix: str) -> torch.dtype:
+    companion = companion_key(where, key, suffix)
+    return where[companion][0].dtype(companion)
+
+
+def read_companion(
+    where: dict, key: str, suffix: str, device: torch.device, shape: tuple[int, ...] | None = None, shard: tuple[int, int, int] | None = None
+) -> torch.Tensor:
+    """Read the tensor stored next to weight `key` under `suffix` (its slice `shard`); raise if it is missing or its shape is not `shape`."""
+    companion = companion_key(where, key, suffix)
     handle, _ = where[companion]
-    return handle.read(companion, device=device)
+    if shape is not None and handle.shape(companion) != shape:
+        raise UserError(f"tensor {companion} has shape {handle.shape(companion)}, expected {shape} for {key}")
+    return handle.read(companion, device=device, shard=shard)
 
 
-def read_weight(where: dict, key: str, config: Config, dtype: torch.dtype, device: torch.device, column_major: bool) -> torch.Tensor:
-    """Read tensor `key` as `dtype` on `device`, dequantising an FP8 `weight` or an INT4 `weight_packed` first."""
+def read_weight(
+    where: dict, key: str, config: Config, dtype: torch.dtype | None, device: torch.device, column_major: bool, shard: tuple[int, int, int] | None
+) -> torch.Tensor:
+    """Read this rank's slice `shard` of tensor `key` as `dtype` on `device`, dequantising an FP8 `weight` or an INT4 `weight_packed` first.
+
+    `dtype` None reads the tensor as stored: a weight or scale that stays quantised. The slice of
+    a quantised weight is given in weight rows or columns; its scales are read for the same slice.
+    """
     handle, _ = where[key]
+    if dtype is None:
+        return handle.read(key, device=device, shard=shard)
     if key.endswith(PACKED_SUFFIX):
         if config.weight_group_size is None:
             raise UserError(f"tensor {key} is INT4-packed but config.json lacks a compressed-tensors quantization_config")
-        shape = tuple(read_companion(where, key, ".weight_shape", device).tolist())
-        scale = read_companion(where, key, ".weight_scale", device)
-        base = key.removesuffix(PACKED_SUFFIX)
-        tensor = dequantize_int4(handle.read(key, device=device), scale, shape, config.weight_group_size, base).to(dtype)
-    elif handle.dtype(key) in (torch.float8_e4m3fn, torch.float8_e5m2):
+        group = config.weight_group_size
+        out_dim, in_dim = tuple(read_companion(where, key, ".weight_shape", device).tolist())
+        if handle.shape(key) != (out_dim, math.ceil(in_dim / 8)):
+            raise UserError(f"tensor {key} has shape {handle.shape(key)}, expected {(out_dim, math.ceil(in_dim / 8))} for weight_shape {(out_dim, in_dim)}")
+        scale_shape, scale_shard = (out_dim, math.ceil(in_dim / group)), stored_slice(shard, (1, group), (out_dim, in_dim), key)
+        scale = read_companion(where, key, ".weight_scale", device, scale_shape, scale_shard)
+        packed = handle.read(key, device=device, shard=stored_slice(shard, (1, 8), (out_dim, in_dim), key))
+        if shard is not None:  # this rank's rows or columns
+            out_dim, in_dim = (shard[2], in_dim) if shard[0] == 0 else (out_dim, shard[2])
+        tensor = dequantize_int4(packed, scale, (out_dim, in_dim), group, key.removesuffix(PACKED_SUFFIX)).to(dtype)
+    elif handle.dtype(key) in FP8_DTYPES:
         if config.weight_block_size is None:
             raise UserError(f"tensor {key} is FP8 but config.json lacks quantization_config.weight_block_size")
-        scale = read_companion(where, key, ".weight" + SCALE_SUFFIX, device)
-        tensor = dequantize_fp8(handle.read(key, device=device), scale, config.weight_block_size, key).to(dtype)
+        (rows, cols), shape = config.weight_block_size, handle.shape(key)
+        scale_shape = (math.ceil(shape[0] / rows), math.ceil(shape[1] / cols))
+        scale = read_companion(where, key, ".weight" + SCALE_SUFFIX, device, scale_shape, stored_slice(shard, (rows, cols), shape, key))
+        tensor = dequantize_fp8(handle.read(key, device=device, shard=shard), scale, config.weight_block_size, key).to(dtype)
     else:
-        return handle.read(key, dtype, device, column_major=column_major)
+        return handle.read(key, dtype, device, column_major=column_major, shard=shard)
     return tensor.t().contiguous().t() if column_major else tensor
 
 
@@ -1036,8 +1453,8 @@ class LayerCache:
 
     What is cached depends on the attention path, so the buffers are allocated at the first write,
     shaped like what is written. The absorbed path caches the latent (B, S, kv_lora_rank) and the
-    RoPE key (B, S, qk_rope_head_dim). The expanded path caches per-head keys (B, S, nh, qk_head_dim)
-    and values (B, S, nh, v_head_dim).
+    RoPE key (B, S, qk_rope_head_dim), the same on every rank under torchrun. The expanded path
+    caches per-head keys (B, S, nh, qk_head_dim) and values (B, S, nh, v_head_dim) of this rank's heads.
     """
 
     def __init__(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
@@ -1063,7 +1480,7 @@ class LayerCache:
 
 
 class KVCache:
-    """One LayerCache per layer, for positions 0 .. max_len - 1."""
+    """One LayerCache per layer, for positions 0 .. max_len - 1, of the heads this rank holds."""
 
     def __init__(self, config: Config, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
         self.layers = [LayerCache(batch, max_len, dtype, device) for _ in range(config.num_hidden_layers)]
@@ -1130,7 +1547,7 @@ def generate(
     cache.ensure(end_pos)
     logits = model(torch.tensor([prompt], device=device), cache, start_pos=start_pos, last_only=True)
     for pos in range(start_pos + len(prompt), end_pos):
-        token = sample(logits[0, -1], temperature, top_k, top_p, generator)
+        token = broadcast_object(sample(logits[0, -1], temperature, top_k, top_p, generator))  # rank 0's draw
         yield token
         if token in stop_tokens or pos + 1 == end_pos:
             return
@@ -1261,14 +1678,17 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def pick_device(name: str) -> torch.device:
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))  # torchrun gives each rank of a machine its own GPU
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return torch.device("cuda", local_rank)
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is visible to torch; use --device cpu")
+    if name == "cuda":
+        return torch.device("cuda", local_rank)
     if name == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device mps: MPS is not available on this machine; use --device cpu")
     return torch.device(name)
@@ -1317,9 +1737,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]; default: generation_config.json, else 1")
     parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="default: the checkpoint's dtype (float32 for float16 on CPU)")
+    parser.add_argument(
+        "--dtype", default="auto", choices=["auto", *DTYPES],
+        help="default: the checkpoint's dtype (float32 for float16 on CPU), FP8 and INT4 weights kept as published; a dtype dequantises them at load",
+    )
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
     parser.add_argument("--interactive", action="store_true", help=f"multi-turn chat in the terminal; {CLEAR_COMMAND} starts over, Ctrl-D or Ctrl-C quits")
+    parser.add_argument("--max-memory", type=float, default=None, help="GiB each rank may fill with weights (default: the device's free memory)")
     parser.add_argument("--info", action="store_true", help="print sizes computed from the config without loading weights (default: the flagship checkpoint)")
     return parser.parse_args(argv)
 
@@ -1379,6 +1803,10 @@ def load_session(args: argparse.Namespace) -> Session:
         raise UserError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the context of {config.max_position_embeddings} tokens")
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, config, device)
+    if args.max_memory is not None and not args.max_memory > 0:
+        raise UserError(f"--max-memory {args.max_memory}: must be a positive number of GiB")
+    if "RANK" in os.environ:  # launched by torchrun
+        init_distributed(device)
 
     started = time.perf_counter()
     # The tokenizer comes first, so that a checkpoint without a chat template or a prompt too long
@@ -1391,7 +1819,8 @@ def load_session(args: argparse.Namespace) -> Session:
     if args.prompt is not None:
         # The plain encoding is a lower bound of the chat-rendered one, so this check is safe early.
         check_context(config, len(tokenizer.encode(args.prompt)), args.max_new_tokens)
-    model = load_model(folder, config, device, dtype)
+    # With --dtype auto, FP8 and INT4 weights stay as published and each matmul dequantises its own.
+    model = load_model(folder, config, device, dtype, args.max_memory, keep_quantized=args.dtype == "auto")
     chat = args.chat or args.interactive
     stops = stop_tokens(config, generation, tokenizer, chat)
     return Session(model, tokenizer, config, args.max_new_tokens, sampling, stops, args.seed, time.perf_counter() - started)
@@ -1413,8 +1842,10 @@ def stream_reply(session: Session, tokens: Iterator[int]) -> tuple[list[int], fl
             prefill_seconds = time.perf_counter() - started
             started = time.perf_counter()
         reply.append(token)
-        print(stream.push(token), end="", flush=True)
-    print(stream.flush())
+        if rank == 0:
+            print(stream.push(token), end="", flush=True)
+    if rank == 0:
+        print(stream.flush())
     return reply, prefill_seconds, time.perf_counter() - started
 
 
@@ -1473,14 +1904,23 @@ class Chat:
         self.messages.append({"role": "assistant", "content": self.session.tokenizer.decode(text_ids)})
 
 
+def read_line(prompt: str) -> str | None:
+    """Read a line on rank 0 and share it with every rank; None at end of input or Ctrl-C."""
+    text = None
+    if rank == 0:
+        try:
+            text = input(prompt)
+        except (EOFError, KeyboardInterrupt):
+            print()
+    return broadcast_object(text)
+
+
 def interactive(session: Session) -> None:
     chat = Chat(session)
     log(f"interactive chat: {CLEAR_COMMAND} starts over, Ctrl-D or Ctrl-C quits")
     while True:
-        try:
-            text = input("> ")
-        except (EOFError, KeyboardInterrupt):
-            print()
+        text = read_line("> ")
+        if text is None:
             return
         if text.strip() == CLEAR_COMMAND:
             chat.clear()
@@ -1523,11 +1963,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+        if rank == 0:
+            print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    finally:
+        if "RANK" in os.environ and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 

@@ -27,6 +27,7 @@ import argparse
 import ctypes
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -180,6 +181,123 @@ class Config:
 
 
 # --------------------------------------------------------------------------------------------------
+# Tensor parallelism (torchrun)
+#
+# Under `torchrun --nproc-per-node N smollm3.py ...` each of the N ranks holds 1/N of the attention
+# heads, of the MLP columns and of the vocabulary, and reads only those slices of the checkpoint.
+# A column-parallel linear layer splits its output features across ranks, so it needs no
+# communication; the row-parallel layer after it splits its input features and sums the partial
+# products with one all-reduce. A plain `python smollm3.py` run keeps world_size 1 and calls no
+# torch.distributed function.
+
+world_size, rank = 1, 0  # set by init_distributed() under torchrun
+
+
+def init_distributed(device: torch.device) -> None:
+    """Join the process group that torchrun describes in the environment (NCCL on GPUs, gloo on CPUs)."""
+    global world_size, rank
+    import torch.distributed as dist
+
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    world_size, rank = dist.get_world_size(), dist.get_rank()
+
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sum `x` over the ranks in place (nothing to do in a single process)."""
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(x)
+    return x
+
+
+def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's `x` along the last dimension, in rank order."""
+    if world_size == 1:
+        return x
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(x) for _ in range(world_size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=-1)
+
+
+def broadcast_object(value):
+    """Return rank 0's `value` on every rank (a sampled token, a line of user input)."""
+    if world_size == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def split_evenly(total: int, what: str) -> int:
+    """Return this rank's share of `total` units (heads, columns, vocabulary rows), which must divide evenly."""
+    if total % world_size:
+        raise UserError(f"{what} ({total}) cannot be split evenly across {world_size} ranks; use a --nproc-per-node that divides {total}")
+    return total // world_size
+
+
+def kv_heads_of_rank(total: int) -> tuple[int, int]:
+    """Return (first, count) of the KV heads this rank needs.
+
+    With fewer KV heads than ranks (grouped-query attention on many GPUs), each KV head is copied
+    to the world_size / total ranks whose query heads read it.
+    """
+    if total % world_size == 0:
+        count = total // world_size
+        return rank * count, count
+    if world_size % total == 0:
+        return rank // (world_size // total), 1
+    raise UserError(f"{total} KV heads cannot be shared evenly by {world_size} ranks; use a --nproc-per-node that divides or is a multiple of {total}")
+
+
+class ColumnParallelLinear(nn.Linear):
+    """A linear layer whose output features are split across ranks; each rank computes its own slice.
+
+    `shard` = (dim, first, total): this rank's weight is rows first .. first + local of the
+    checkpoint's `total` rows; the loader reads only those.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, first: int | None = None, local: int | None = None):
+        local = local if local is not None else split_evenly(out_features, "output features")
+        super().__init__(in_features, local, bias=bias)
+        self.shard = (0, rank * local if first is None else first, out_features)
+
+
+class RowParallelLinear(nn.Linear):
+    """A linear layer whose input features are split across ranks; one all-reduce sums the partial products."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        local = split_evenly(in_features, "input features")
+        super().__init__(local, out_features, bias=bias)
+        self.shard = (1, rank * local, in_features)  # the bias is not split: it is added once, after the sum
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = all_reduce(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias
+
+
+class ParallelEmbedding(nn.Embedding):
+    """An embedding whose vocabulary rows are split across ranks; each rank looks up the ids it holds."""
+
+    def __init__(self, vocab_size: int, dim: int):
+        local = split_evenly(vocab_size, "vocabulary size")
+        super().__init__(local, dim)
+        self.shard = (0, rank * local, vocab_size)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if world_size == 1:
+            return super().forward(tokens)
+        first = self.shard[1]
+        outside = (tokens < first) | (tokens >= first + self.num_embeddings)
+        x = F.embedding((tokens - first).masked_fill(outside, 0), self.weight)
+        return all_reduce(x.masked_fill(outside[..., None], 0))
+
+
+# --------------------------------------------------------------------------------------------------
 # Layers
 
 
@@ -241,18 +359,19 @@ class Attention(nn.Module):
 
     def __init__(self, config: Config, layer_idx: int):
         super().__init__()
-        self.n_heads = config.num_attention_heads
-        self.n_kv_heads = config.num_key_value_heads
+        self.n_heads = split_evenly(config.num_attention_heads, "attention heads")  # this rank's query heads
+        kv_first, self.n_kv_heads = kv_heads_of_rank(config.num_key_value_heads)
         self.head_dim = config.head_dim
         self.scale = self.head_dim**-0.5
         self.use_rope = bool(config.no_rope_layers[layer_idx])
         is_sliding = config.layer_types[layer_idx] == "sliding_attention"
         self.window = config.sliding_window if is_sliding else None
         bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=bias)
+        hd, kv_rows = self.head_dim, config.num_key_value_heads * self.head_dim
+        self.q_proj = ColumnParallelLinear(config.hidden_size, config.num_attention_heads * hd, bias=bias)
+        self.k_proj = ColumnParallelLinear(config.hidden_size, kv_rows, bias=bias, first=kv_first * hd, local=self.n_kv_heads * hd)
+        self.v_proj = ColumnParallelLinear(config.hidden_size, kv_rows, bias=bias, first=kv_first * hd, local=self.n_kv_heads * hd)
+        self.o_proj = RowParallelLinear(config.num_attention_heads * hd, config.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int, kv: "LayerCache | None") -> torch.Tensor:
         B, T, _ = x.shape  # batch, new tokens, hidden size
@@ -284,9 +403,9 @@ class MLP(nn.Module):
 
     def __init__(self, config: Config):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.gate_proj = ColumnParallelLinear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = ColumnParallelLinear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -314,11 +433,11 @@ class Model(nn.Module):
     def __init__(self, config: Config):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = ParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        # The LM head reuses the embedding matrix unless the checkpoint has its own.
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # The LM head reuses the embedding matrix unless the checkpoint has its own; both are split by vocabulary.
+        self.lm_head = None if config.tie_word_embeddings else ColumnParallelLinear(config.hidden_size, config.vocab_size)
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
 
     def forward(self, tokens: torch.Tensor, cache: "KVCache | None" = None, start_pos: int = 0, last_only: bool = False) -> torch.Tensor:
@@ -331,7 +450,8 @@ class Model(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)
-        return F.linear(x, self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)
+        logits = F.linear(x, self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)
+        return all_gather_last_dim(logits)  # each rank computed the logits of its vocabulary slice
 
 
 # --------------------------------------------------------------------------------------------------
@@ -354,7 +474,9 @@ ROPE_BUFFER_SUFFIX = ".rotary_emb.inv_freq"
 
 
 def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    if rank == 0:  # under torchrun, rank 0 alone prints
+        print(message, file=sys.stderr, flush=True)
+
 
 
 def resolve_checkpoint(model: str) -> Path:
@@ -469,31 +591,54 @@ class SafetensorsFile:
     def dtype(self, key: str) -> torch.dtype:
         return SAFETENSORS_DTYPES[self.header[key]["dtype"]]
 
-    def read(self, key: str, dtype: torch.dtype | None = None, device: torch.device = torch.device("cpu"), column_major: bool = False) -> torch.Tensor:
+    def read(
+        self,
+        key: str,
+        dtype: torch.dtype | None = None,
+        device: torch.device = torch.device("cpu"),
+        column_major: bool = False,
+        shard: tuple[int, int, int] | None = None,
+    ) -> torch.Tensor:
         """Read tensor `key`, cast to `dtype` (default: as stored), onto `device`.
 
-        A column-major matrix keeps its (out, in) shape; only its strides differ.
+        `shard` = (dim, first, length) reads only indices first .. first + length - 1 along `dim`
+        (a tensor-parallel rank's slice); the other bytes are never read. A column-major matrix
+        keeps its (out, in) shape; only its strides differ.
         """
-        entry = self.header[key]
-        shape = self.shape(key)
+        shape = self.shape(key) or (1,)  # a scalar is read as one element
         source_dtype = self.dtype(key)
         dtype = dtype or source_dtype
-        begin, end = entry["data_offsets"]
+        dim, first, length = shard or (0, 0, shape[0])
+        local_shape = (*shape[:dim], length, *shape[dim + 1 :])
         if column_major:
-            out = torch.empty(shape[::-1], dtype=dtype, device=device).t()  # (out, in) view of (in, out) storage
+            out = torch.empty(local_shape[::-1], dtype=dtype, device=device).t()  # (out, in) view of (in, out) storage
         else:
-            out = torch.empty(shape, dtype=dtype, device=device)
+            out = torch.empty(local_shape, dtype=dtype, device=device)
+        if not self.shape(key):
+            out = out.view(())  # a scalar; written below through a one-element view
         if out.numel() == 0:
             return out
-        rows = out.view(1, -1) if out.ndim == 0 else out  # a scalar is one row
-        row_bytes = (end - begin) // rows.shape[0]
-        step = max(1, READ_CHUNK_BYTES // row_bytes)
-        for first in range(0, rows.shape[0], step):
-            count = min(step, rows.shape[0] - first)
-            buffer = bytearray(count * row_bytes)
-            self.file.seek(self.data_start + begin + first * row_bytes)
-            self.file.readinto(buffer)
-            rows[first : first + count] = torch.frombuffer(buffer, dtype=source_dtype).view(count, *rows.shape[1:])
+        # View the tensor as (outer, shape[dim], inner): the slice is one contiguous run of bytes per
+        # outer index, read in pieces of at most READ_CHUNK_BYTES straight into `out`.
+        outer, inner = math.prod(shape[:dim]), math.prod(shape[dim + 1 :])
+        if out.is_contiguous():
+            target = out.reshape(outer, length, inner)  # a view: `out` is contiguous
+        else:  # a column-major matrix: the same view through its strides
+            target = out.unsqueeze(0) if dim == 0 else out.unsqueeze(-1)
+        item = source_dtype.itemsize
+        begin = self.data_start + self.header[key]["data_offsets"][0]
+        rows_per_read = max(1, READ_CHUNK_BYTES // (inner * item))  # along `dim`, within one outer index
+        outers_per_read = max(1, rows_per_read // length)  # whole slices of several outer indices at once
+        for o in range(0, outer, outers_per_read):
+            o_count = min(outers_per_read, outer - o)
+            for r in range(0, length, rows_per_read):
+                r_count = min(rows_per_read, length - r)
+                run = r_count * inner * item
+                buffer = bytearray(o_count * run)
+                for i in range(o_count):
+                    self.file.seek(begin + (((o + i) * shape[dim] + first + r) * inner) * item)
+                    self.file.readinto(memoryview(buffer)[i * run : (i + 1) * run])
+                target[o : o + o_count, r : r + r_count] = torch.frombuffer(buffer, dtype=source_dtype).view(o_count, r_count, inner)
         return out
 
     def __enter__(self):
@@ -503,15 +648,17 @@ class SafetensorsFile:
         self.file.close()
 
 
-def load_model(folder: Path, config: Config, device: torch.device, dtype: torch.dtype) -> Model:
+def load_model(folder: Path, config: Config, device: torch.device, dtype: torch.dtype, max_memory: float | None = None) -> Model:
     """Build the model on the meta device, then fill it tensor by tensor from the safetensors files.
 
     Each tensor is read in chunks straight into its final dtype, device and layout, so peak memory
-    stays near the size of the weights in the target dtype. Loading is strict: a missing, unexpected or
-    misshapen tensor raises an error that names it.
+    stays near the size of the weights in the target dtype. Under torchrun each rank reads only
+    its own slices. Loading is strict: a missing, unexpected or misshapen tensor raises an error
+    that names it. `max_memory` (GiB per rank) replaces the device's free memory in the fit check.
     """
     with torch.device("meta"):
         model = Model(config)
+    check_fit(sum(p.numel() for p in model.parameters()) * dtype.itemsize, device, max_memory)
     expected = dict(model.named_parameters())
     loaded = set()
     for file in checkpoint_files(folder):
@@ -522,9 +669,10 @@ def load_model(folder: Path, config: Config, device: torch.device, dtype: torch.
                     continue
                 if name not in expected:
                     raise UserError(f"unexpected tensor {key} in {file.name}; is this a SmolLM3 or Llama checkpoint?")
-                if f.shape(key) != expected[name].shape:
-                    raise UserError(f"tensor {key} has shape {f.shape(key)}, expected {tuple(expected[name].shape)} from config.json")
-                tensor = f.read(key, dtype, device, column_major=use_column_major(f.shape(key), dtype, device))
+                full_shape, shard = checkpoint_slice(model, name)
+                if f.shape(key) != full_shape:
+                    raise UserError(f"tensor {key} has shape {f.shape(key)}, expected {full_shape} from config.json")
+                tensor = f.read(key, dtype, device, column_major=use_column_major(f.shape(key), dtype, device), shard=shard)
                 set_parameter(model, name, tensor)
                 loaded.add(name)
     missing = sorted(set(expected) - loaded)
@@ -534,6 +682,48 @@ def load_model(folder: Path, config: Config, device: torch.device, dtype: torch.
     # The RoPE frequencies were built on the meta device; recompute them where the weights live.
     model.inv_freq = rope_inv_freq(config).to(device)
     return model.eval()
+
+
+def checkpoint_slice(model: nn.Module, name: str) -> tuple[tuple[int, ...], tuple[int, int, int] | None]:
+    """Return the checkpoint shape of parameter `name` and the (dim, first, length) slice this rank holds."""
+    shape = tuple(model.get_parameter(name).shape)
+    module_name, _, _ = name.rpartition(".")
+    shard = getattr(model.get_submodule(module_name), "shard", None)
+    if shard is None or shard[0] >= len(shape):  # not split (a row-parallel bias is added whole)
+        return shape, None
+    dim, first, total = shard
+    return (*shape[:dim], total, *shape[dim + 1 :]), (dim, first, shape[dim])
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Return the bytes this rank may fill on `device`: free GPU memory, or available RAM shared by this machine's ranks."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu" and Path("/proc/meminfo").exists():
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return None  # unknown (MPS, or a CPU without /proc): no check
+
+
+def check_fit(weight_bytes: int, device: torch.device, max_memory: float | None) -> None:
+    """Raise a UserError before any weight is read when this rank's `weight_bytes` exceed its memory.
+
+    Every rank takes part, so that all of them stop together when any one of them lacks room.
+    """
+    available = free_memory(device) if max_memory is None else int(max_memory * 2**30)
+    ratio = torch.tensor([0.0 if available is None else weight_bytes / max(available, 1)], dtype=torch.float64, device=device)
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(ratio, op=dist.ReduceOp.MAX)
+    if ratio.item() > 1:
+        source = "--max-memory" if max_memory is not None else f"free on {device.type}"
+        needed = math.ceil(world_size * ratio.item())
+        raise UserError(
+            f"the weights need {weight_bytes / 2**30:.2f} GiB per rank but a rank has only {weight_bytes / ratio.item() / 2**30:.2f} GiB "
+            f"({source}); run on at least {needed} devices, e.g. torchrun --nproc-per-node {needed}, or pick a smaller --dtype"
+        )
 
 
 def use_column_major(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> bool:
@@ -703,10 +893,10 @@ class LayerCache:
 
 
 class KVCache:
-    """One LayerCache per layer, for positions 0 .. max_len - 1."""
+    """One LayerCache per layer, for positions 0 .. max_len - 1, of the KV heads this rank holds."""
 
     def __init__(self, config: Config, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
-        shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
+        shape = (batch, kv_heads_of_rank(config.num_key_value_heads)[1], max_len, config.head_dim)
         self.layers = [LayerCache(shape, dtype, device) for _ in range(config.num_hidden_layers)]
         self.max_len = max_len
 
@@ -766,7 +956,7 @@ def generate(
     cache.ensure(end_pos)
     logits = model(torch.tensor([prompt], device=device), cache, start_pos=start_pos, last_only=True)
     for pos in range(start_pos + len(prompt), end_pos):
-        token = sample(logits[0, -1], temperature, top_k, top_p, generator)
+        token = broadcast_object(sample(logits[0, -1], temperature, top_k, top_p, generator))  # rank 0's draw
         yield token
         if token in stop_tokens or pos + 1 == end_pos:
             return
@@ -855,14 +1045,17 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def pick_device(name: str) -> torch.device:
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))  # torchrun gives each rank of a machine its own GPU
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return torch.device("cuda", local_rank)
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is visible to torch; use --device cpu")
+    if name == "cuda":
+        return torch.device("cuda", local_rank)
     if name == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device mps: MPS is not available on this machine; use --device cpu")
     return torch.device(name)
@@ -914,6 +1107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="default: the checkpoint's dtype (float32 for float16 on CPU)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
     parser.add_argument("--interactive", action="store_true", help=f"multi-turn chat in the terminal; {CLEAR_COMMAND} starts over, Ctrl-D or Ctrl-C quits")
+    parser.add_argument("--max-memory", type=float, default=None, help="GiB each rank may fill with weights (default: the device's free memory)")
     parser.add_argument("--info", action="store_true", help="print sizes computed from the config without loading weights (default: the flagship checkpoint)")
     return parser.parse_args(argv)
 
@@ -973,6 +1167,10 @@ def load_session(args: argparse.Namespace) -> Session:
         raise UserError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the context of {config.max_position_embeddings} tokens")
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, config, device)
+    if args.max_memory is not None and not args.max_memory > 0:
+        raise UserError(f"--max-memory {args.max_memory}: must be a positive number of GiB")
+    if "RANK" in os.environ:  # launched by torchrun
+        init_distributed(device)
 
     started = time.perf_counter()
     # The tokenizer comes first, so that a checkpoint without a chat template or a prompt too long
@@ -985,7 +1183,7 @@ def load_session(args: argparse.Namespace) -> Session:
     if args.prompt is not None:
         # The plain encoding is a lower bound of the chat-rendered one, so this check is safe early.
         check_context(config, len(tokenizer.encode(args.prompt)), args.max_new_tokens)
-    model = load_model(folder, config, device, dtype)
+    model = load_model(folder, config, device, dtype, args.max_memory)
     chat = args.chat or args.interactive
     stops = stop_tokens(config, generation, tokenizer, chat)
     return Session(model, tokenizer, config, args.max_new_tokens, sampling, stops, args.seed, time.perf_counter() - started)
@@ -1007,8 +1205,10 @@ def stream_reply(session: Session, tokens: Iterator[int]) -> tuple[list[int], fl
             prefill_seconds = time.perf_counter() - started
             started = time.perf_counter()
         reply.append(token)
-        print(stream.push(token), end="", flush=True)
-    print(stream.flush())
+        if rank == 0:
+            print(stream.push(token), end="", flush=True)
+    if rank == 0:
+        print(stream.flush())
     return reply, prefill_seconds, time.perf_counter() - started
 
 
@@ -1067,14 +1267,23 @@ class Chat:
         self.messages.append({"role": "assistant", "content": self.session.tokenizer.decode(text_ids)})
 
 
+def read_line(prompt: str) -> str | None:
+    """Read a line on rank 0 and share it with every rank; None at end of input or Ctrl-C."""
+    text = None
+    if rank == 0:
+        try:
+            text = input(prompt)
+        except (EOFError, KeyboardInterrupt):
+            print()
+    return broadcast_object(text)
+
+
 def interactive(session: Session) -> None:
     chat = Chat(session)
     log(f"interactive chat: {CLEAR_COMMAND} starts over, Ctrl-D or Ctrl-C quits")
     while True:
-        try:
-            text = input("> ")
-        except (EOFError, KeyboardInterrupt):
-            print()
+        text = read_line("> ")
+        if text is None:
             return
         if text.strip() == CLEAR_COMMAND:
             chat.clear()
@@ -1117,11 +1326,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+        if rank == 0:
+            print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    finally:
+        if "RANK" in os.environ and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 

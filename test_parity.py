@@ -807,7 +807,7 @@ def test_cache_decoding_matches_full_forward(name, checkpoints):
     assert difference <= LOGIT_TOLERANCE, f"{name}: cached decoding differs from the full pass by {difference:.2e}"
 
 
-@pytest.mark.parametrize("name", [name for name in CASES if CASES[name].module in ("gemma3",)])
+@pytest.mark.parametrize("name", CASES)
 def test_static_decode_step_matches_dynamic(name, checkpoints):
     """The decode step of --compile (position as a tensor, attention over the whole cache), run eagerly."""
     hf_model, folder = checkpoints(name)
