@@ -859,7 +859,7 @@ def parameter_name(key: str, config: Config) -> str | None:
         first, count = experts_of_rank(config.n_routed_experts)
         index = int(expert.group(2)) - first
         if not 0 <= index < count:
-            return None  # another rank holds this expert
+            return None  # this expert is on another rank
         key = f"{expert.group(1)}{index}.{key[expert.end() :]}"
     if key == "lm_head.weight":
         return None if config.tie_word_embeddings else "lm_head.weight"
