@@ -35,7 +35,7 @@ def gigabytes(count: int) -> str:
 
 def table() -> str:
     rows = [
-        "| file | family (flagship) | total params | active per token | layers | attention | KV cache per token (bf16) | KV cache at 128k (bf16) | weights as published |",
+        "| file | family (flagship) | total params | active per token | layers | attention | KV cache per token (bf16) | KV cache at 128k (bf16) | weights as published = resident at the default --dtype |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name in FILES:
