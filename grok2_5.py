@@ -413,7 +413,7 @@ class MoE(nn.Module):
         start = 0
         for expert, count in enumerate(counts):
             end = start + count
-            local = expert - self.first_expert  # the expert's index in self.experts, if this rank holds it
+            local = expert - self.first_expert  # the expert's index in self.experts, if this rank stores it
             if count > 0 and 0 <= local < len(self.experts):
                 rows = tokens[start:end]
                 y = self.experts[local](x[rows]).float() * weights.flatten()[order[start:end], None]  # (count, C)
@@ -764,7 +764,7 @@ def load_model(folder: Path, config: Config, device: torch.device, dtype: torch.
                     raise UserError(f"tensor {key} has shape {f.shape(key)}, expected {full_shape} from config.json")
                 tensor = f.read(key, target_dtype, device, column_major=column_major, shard=shard)
             else:
-                # An expert matrix in pieces: a rank holds whole experts, so it reads every piece of its own.
+                # An expert matrix in pieces: a rank stores whole experts, so it reads every piece of its own.
                 tensor = empty_tensor(full_shape, target_dtype, device, column_major)
                 read_pieces(key, places, tensor)
             set_parameter(model, name, tensor)
