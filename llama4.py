@@ -275,10 +275,11 @@ class RowParallelLinear(nn.Linear):
         return y if self.bias is None else y + self.bias
 
 
-class PartialRowParallelLinear(RowParallelLinear):
+class UnreducedRowParallelLinear(RowParallelLinear):
     """A RowParallelLinear without bias that returns this rank's partial product unsummed.
 
-    The MoE adds the shared expert's partial output to its routed one, so that one all-reduce sums both.
+    The caller adds it to other partial outputs and sums them all with one all-reduce (MoE adds the
+    shared experts' output to the routed one).
     """
 
     def __init__(self, in_features: int, out_features: int):
@@ -286,7 +287,6 @@ class PartialRowParallelLinear(RowParallelLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight)
-
 
 class ParallelEmbedding(nn.Embedding):
     """An embedding whose vocabulary rows are split across ranks; each rank looks up the ids it holds."""
@@ -463,7 +463,7 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_proj = ColumnParallelLinear(config.hidden_size, intermediate_size)
         self.up_proj = ColumnParallelLinear(config.hidden_size, intermediate_size)
-        down = PartialRowParallelLinear if partial else RowParallelLinear
+        down = UnreducedRowParallelLinear if partial else RowParallelLinear
         self.down_proj = down(intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
