@@ -4110,6 +4110,16 @@ def test_grok2_5_greedy_cache_matches_recomputation(grok_checkpoint):
     assert len(set(ours)) > 1, "a constant output would not test much"
 
 
+def test_grok2_5_static_decode_step_matches_dynamic(grok_checkpoint):
+    """The decode step of --compile (position as a tensor, attention over the whole cache), run eagerly."""
+    folder, _ = grok_checkpoint
+    module, model = load_grok(folder)
+    prompt = random_tokens(GROK_TINY_CONFIG["vocab_size"], batch=1, length=6, seed=2)[0].tolist()
+    dynamic = list(module.generate(model, prompt, NEW_TOKENS))
+    static = list(module.generate(model, prompt, NEW_TOKENS, decode_step=model))
+    assert static == dynamic
+
+
 def test_grok2_5_attention_temperature_formula():
     """Scores are scaled, capped with tanh, then multiplied by log2(p)/log2(L) for positions p > L."""
     module = importlib.import_module("grok2_5")
