@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -405,27 +405,51 @@ class Attention(nn.Module):
         self.q_norm = ParallelRMSNorm(q_rows, config.rms_norm_eps, first=self.q_proj.shard[1], local=self.n_heads * hd)
         self.k_norm = ParallelRMSNorm(kv_rows, config.rms_norm_eps, first=kv_first * hd, local=self.n_kv_heads * hd)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int, kv: "LayerCache | None") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: "int | torch.Tensor", kv: "LayerCache | None") -> torch.Tensor:
         B, T, _ = x.shape  # batch, new tokens, hidden size
         q = self.q_norm(self.q_proj(x)).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_norm(self.k_proj(x)).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if isinstance(start_pos, torch.Tensor):
+            k, v, mask = self.keys_of_static_step(k, v, start_pos, kv)
+        else:
+            k, v, mask = self.visible_keys(k, v, start_pos, kv)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)  # (B, nh, T, hd)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
-        # Keys before `first_key` are outside every new query's window, so they are not read at all.
+    def visible_keys(self, k: torch.Tensor, v: torch.Tensor, start_pos: int, kv: "LayerCache | None"):
+        """Cache the new keys and values; return the keys and values the new queries may see, and the mask.
+
+        Keys before `first_key` are outside every new query's window, so they are not read at all.
+        The mask is None when every returned key is visible, as for one decoded token.
+        """
+        T = k.shape[2]
         end_pos = start_pos + T
         first_key = 0 if self.window is None else max(0, start_pos - self.window + 1)
         if kv is not None:
             k, v = kv.update(k, v, start_pos, first_key)  # (B, nkv, S, hd), S = end_pos - first_key
-        q_pos = torch.arange(start_pos, end_pos, device=x.device)[:, None]
-        k_pos = torch.arange(first_key, end_pos, device=x.device)[None, :]
+        if T == 1:
+            return k, v, None
+        q_pos = torch.arange(start_pos, end_pos, device=k.device)[:, None]
+        k_pos = torch.arange(first_key, end_pos, device=k.device)[None, :]
         mask = k_pos <= q_pos  # (T, S) causal
         if self.window is not None:
             mask &= k_pos > q_pos - self.window  # the window contains `window` keys, the query's own included
-        # One decoded token attends to every key it is given, so it needs no mask.
-        attn_mask = None if mask.all() else mask
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale, enable_gqa=True)  # (B, nh, T, hd)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return k, v, mask
+
+    def keys_of_static_step(self, k: torch.Tensor, v: torch.Tensor, position: torch.Tensor, kv: "LayerCache"):
+        """Like visible_keys for one token whose position is a tensor (the --compile decode step).
+
+        The step writes into the cache in place and attends over the whole buffer with a mask, so
+        that every position runs the same shapes and so the same compiled graph.
+        """
+        k, v = kv.write_at(k, v, position)  # (B, nkv, max_len, hd)
+        k_pos = torch.arange(k.shape[2], device=k.device)[None, :]
+        mask = k_pos <= position
+        if self.window is not None:
+            mask &= k_pos > position - self.window
+        return k, v, mask
 
 
 class MLP(nn.Module):
@@ -473,10 +497,13 @@ class Model(nn.Module):
         self.register_buffer("inv_freq_full", inv_freq_full, persistent=False)
         self.register_buffer("inv_freq_sliding", rope_inv_freq(config.head_dim, config.sliding_rope_theta), persistent=False)
 
-    def forward(self, tokens: torch.Tensor, cache: "KVCache | None" = None, start_pos: int = 0, last_only: bool = False) -> torch.Tensor:
-        """Return logits (B, T, vocab) for `tokens` (B, T) at positions start_pos.. (only the last one if `last_only`)."""
+    def forward(self, tokens: torch.Tensor, cache: "KVCache | None" = None, start_pos: "int | torch.Tensor" = 0, last_only: bool = False) -> torch.Tensor:
+        """Return logits (B, T, vocab) for `tokens` (B, T) at positions start_pos.. (only the last one if `last_only`).
+
+        A 0-d tensor `start_pos` runs the static-shape decode step of --compile: one token, with a cache.
+        """
         x = self.embed_tokens(tokens)  # (B, T, C)
-        positions = torch.arange(start_pos, start_pos + tokens.shape[1], device=tokens.device)
+        positions = start_pos + torch.arange(tokens.shape[1], device=tokens.device)
         rope = {
             "full_attention": rope_cos_sin(self.inv_freq_full, positions, self.attention_factor),
             "sliding_attention": rope_cos_sin(self.inv_freq_sliding, positions),
@@ -892,6 +919,12 @@ class LayerCache:
         self.v[:, :, start_pos:end_pos] = v
         return self.k[:, :, first_key:end_pos], self.v[:, :, first_key:end_pos]
 
+    def write_at(self, k: torch.Tensor, v: torch.Tensor, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write one token's keys and values at `position` (a 0-d tensor); return the whole buffers."""
+        self.k.index_copy_(2, position.view(1), k)
+        self.v.index_copy_(2, position.view(1), v)
+        return self.k, self.v
+
 
 class KVCache:
     """One LayerCache per layer, for positions 0 .. max_len - 1, of the KV heads this rank holds."""
@@ -940,12 +973,14 @@ def generate(
     seed: int | None = None,
     cache: KVCache | None = None,
     start_pos: int = 0,
+    decode_step: Callable | None = None,
 ) -> Iterator[int]:
     """Yield new token ids: one prefill pass over the prompt, then one decode pass per token.
 
     With a `cache` that already contains positions 0 .. start_pos - 1 (an earlier turn of a chat),
     `prompt` continues from start_pos and only it is prefilled. The last token yielded is not
-    written to the cache.
+    written to the cache. `decode_step` (from compile_decode_step) replaces the model for the
+    one-token steps.
     """
     device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
     generator = None
@@ -961,7 +996,26 @@ def generate(
         yield token
         if token in stop_tokens or pos + 1 == end_pos:
             return
-        logits = model(torch.tensor([[token]], device=device), cache, start_pos=pos)
+        if decode_step is None:
+            logits = model(torch.tensor([[token]], device=device), cache, start_pos=pos)
+        else:
+            logits = decode_step(torch.tensor([[token]], device=device), cache, torch.tensor(pos, device=device))
+
+
+def compile_decode_step(model: Model) -> Callable:
+    """Return `model` compiled by torch.compile for the one-token decode steps (--compile).
+
+    Inductor fuses the many small per-token operations into a few kernels and, with freezing,
+    treats the weights as constants that it prepacks for its own matrix kernels. Each step passes
+    its position as a tensor, so every step has the same shapes and reuses one graph; the prompt
+    still runs eagerly. Measured on 2 CPU cores with Gemma 3 270M in bfloat16: 16.7 -> 27.5 tokens/s
+    after about 40 s of compilation on the first step of every run (inductor's on-disk graph cache
+    cannot store the prepacked weights, so it is skipped); in float32, bound by reading the
+    weights, it gained about 6%. So it pays for long generations and chats in bfloat16, not for a
+    short reply.
+    """
+    torch._inductor.config.freezing = True
+    return torch.compile(model, fullgraph=True, dynamic=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1105,6 +1159,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="default: the checkpoint's dtype (float32 for float16 on CPU)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
     parser.add_argument("--interactive", action="store_true", help=f"multi-turn chat in the terminal; {CLEAR_COMMAND} starts over, Ctrl-D or Ctrl-C quits")
+    parser.add_argument("--compile", action="store_true", help="compile the decode step with torch.compile: faster tokens after a slow first one (see compile_decode_step)")
     parser.add_argument("--max-memory", type=float, default=None, help="GiB each rank may fill with weights (default: the device's free memory)")
     parser.add_argument("--info", action="store_true", help="print sizes computed from the config without loading weights (default: the flagship checkpoint)")
     return parser.parse_args(argv)
@@ -1134,13 +1189,14 @@ class Session:
     seed: int | None
 
     load_seconds: float
+    decode_step: Callable | None = None  # the compiled model of --compile
 
     def check_fits(self, prompt_length: int) -> None:
         check_context(self.config, prompt_length, self.max_new_tokens)
 
     def generate(self, prompt: list[int], cache: KVCache | None = None, start_pos: int = 0) -> Iterator[int]:
         self.check_fits(start_pos + len(prompt))
-        return generate(self.model, prompt, self.max_new_tokens, *self.sampling, self.stop_tokens, self.seed, cache, start_pos)
+        return generate(self.model, prompt, self.max_new_tokens, *self.sampling, self.stop_tokens, self.seed, cache, start_pos, self.decode_step)
 
 
 def release_freed_memory() -> None:
@@ -1168,6 +1224,8 @@ def load_session(args: argparse.Namespace) -> Session:
     if args.max_memory is not None and not args.max_memory > 0:
         raise UserError(f"--max-memory {args.max_memory}: must be a positive number of GiB")
     if "RANK" in os.environ:  # launched by torchrun
+        if args.compile:
+            raise UserError("--compile runs in a single process only; drop it under torchrun")
         init_distributed(device)
 
     started = time.perf_counter()
@@ -1184,7 +1242,8 @@ def load_session(args: argparse.Namespace) -> Session:
     model = load_model(folder, config, device, dtype, args.max_memory)
     chat = args.chat or args.interactive
     stops = stop_tokens(config, generation, tokenizer, chat)
-    return Session(model, tokenizer, config, args.max_new_tokens, sampling, stops, args.seed, time.perf_counter() - started)
+    decode_step = compile_decode_step(model) if args.compile else None
+    return Session(model, tokenizer, config, args.max_new_tokens, sampling, stops, args.seed, time.perf_counter() - started, decode_step)
 
 
 def log_loaded(session: Session, folder: str) -> None:
