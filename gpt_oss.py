@@ -1247,9 +1247,10 @@ def compile_decode_step(model: Model) -> Callable:
     treats the weights as constants that it prepacks for its own matrix kernels. Each step passes
     its position as a tensor, so every step has the same shapes and reuses one graph; the prompt
     still runs eagerly. Measured on 2 CPU cores with Gemma 3 270M in bfloat16: 16.7 -> 27.5 tokens/s
-    after about 40 s of compilation on the first step (seconds when inductor's on-disk cache
-    already holds the graph); in float32, bound by reading the weights, it gained about 6%. So it
-    pays for long generations and chats in bfloat16, not for a short reply.
+    after about 40 s of compilation on the first step of every run (inductor's on-disk graph cache
+    cannot store the prepacked weights, so it is skipped); in float32, bound by reading the
+    weights, it gained about 6%. So it pays for long generations and chats in
+    bfloat16, not for a short reply.
     """
     torch._inductor.config.freezing = True
     return torch.compile(model, fullgraph=True, dynamic=False)
