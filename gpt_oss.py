@@ -1246,13 +1246,17 @@ def compile_decode_step(model: Model) -> Callable:
     Inductor fuses the many small per-token operations into a few kernels and, with freezing,
     treats the weights as constants that it prepacks for its own matrix kernels. Each step passes
     its position as a tensor, so every step has the same shapes and reuses one graph; the prompt
-    still runs eagerly. Measured on 2 CPU cores with Gemma 3 270M in bfloat16: 16.7 -> 27.5 tokens/s
-    after about 40 s of compilation on the first step of every run (inductor's on-disk graph cache
+    still runs eagerly. Measured on 2 CPU cores with Gemma 3 270M in bfloat16 (scripts/benchmark.py):
+    17.6 -> 32.0 tokens/s after about 30 s of compilation on the first step of every run (inductor's on-disk graph cache
     cannot store the prepacked weights, so it is skipped); in float32, bound by reading the
     weights, it gained about 6%. So it pays for long generations and chats in
     bfloat16, not for a short reply.
+
+    Freezing applies to half-precision weights only, because the prepacked copy sits next to the
+    weights: Gemma 3 270M peaked at 1627 MB instead of 929 MB in bfloat16, and in float32 at
+    3.5x the weight bytes for a 7% gain, so float32 compiles without it.
     """
-    torch._inductor.config.freezing = True
+    torch._inductor.config.freezing = model.embed_tokens.weight.dtype != torch.float32
     return torch.compile(model, fullgraph=True, dynamic=False)
 
 

@@ -1013,8 +1013,12 @@ def compile_decode_step(model: Model) -> Callable:
     weights, it gained about 10%. So it pays for long generations and chats in bfloat16, not for a
     short reply. In bfloat16 the compiled kernels round differently, so where two tokens nearly tie
     the greedy choice may differ.
+
+    Freezing applies to half-precision weights only, because the prepacked copy sits next to the
+    weights: Gemma 3 270M peaked at 1627 MB instead of 929 MB in bfloat16, and in float32 at
+    3.5x the weight bytes for a 7% gain, so float32 compiles without it.
     """
-    torch._inductor.config.freezing = True
+    torch._inductor.config.freezing = model.embed_tokens.weight.dtype != torch.float32
     return torch.compile(model, fullgraph=True, dynamic=False)
 
 
