@@ -176,6 +176,15 @@ class Config:
 world_size, rank = 1, 0  # set by init_distributed() under torchrun
 
 
+def is_rank_zero() -> bool:
+    """Return whether this process prints: rank 0 under torchrun, or a plain run.
+
+    torchrun's RANK variable answers before the process group exists, so that errors raised
+    before init_distributed() also print once.
+    """
+    return os.environ.get("RANK", "0") == "0"
+
+
 def init_distributed(device: torch.device) -> None:
     """Join the process group that torchrun describes in the environment (NCCL on GPUs, gloo on CPUs)."""
     global world_size, rank
@@ -755,7 +764,7 @@ EXPERT_KEY = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")
 
 
 def log(message: str) -> None:
-    if rank == 0:  # under torchrun, rank 0 alone prints
+    if is_rank_zero():  # under torchrun, rank 0 alone prints
         print(message, file=sys.stderr, flush=True)
 
 
@@ -1121,7 +1130,8 @@ def check_fit(weight_bytes: int, device: torch.device, max_memory: float | None)
         needed = math.ceil(world_size * ratio.item())
         raise UserError(
             f"the weights need {weight_bytes / 2**30:.2f} GiB per rank but a rank has only {weight_bytes / ratio.item() / 2**30:.2f} GiB "
-            f"({source}); run on at least {needed} devices, e.g. torchrun --nproc-per-node {needed}, or pick a smaller --dtype"
+            f"({source}); run on at least {needed} devices (torchrun --nproc-per-node N, with N >= {needed} dividing the attention heads, "
+            "experts and vocabulary size), or pick a smaller --dtype"
         )
 
 
@@ -1620,8 +1630,8 @@ def load_session(args: argparse.Namespace) -> Session:
         raise UserError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the context of {config.max_position_embeddings} tokens")
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, config, device)
-    if args.max_memory is not None and not args.max_memory > 0:
-        raise UserError(f"--max-memory {args.max_memory}: must be a positive number of GiB")
+    if args.max_memory is not None and not 0 < args.max_memory < math.inf:
+        raise UserError(f"--max-memory {args.max_memory}: must be a positive, finite number of GiB")
     if "RANK" in os.environ:  # launched by torchrun
         if args.compile:
             raise UserError("--compile runs in a single process only; drop it under torchrun")
@@ -1643,6 +1653,8 @@ def load_session(args: argparse.Namespace) -> Session:
     chat = args.chat or args.interactive
     stops = stop_tokens(config, generation, tokenizer, chat)
     decode_step = compile_decode_step(model) if args.compile else None
+    if args.compile:
+        log("--compile: torch.compile builds the decode step while the second token is generated (tens of seconds); the tokens/s figure includes that time")
     return Session(model, tokenizer, config, args.max_new_tokens, sampling, stops, args.seed, time.perf_counter() - started, decode_step)
 
 
@@ -1662,9 +1674,9 @@ def stream_reply(session: Session, tokens: Iterator[int]) -> tuple[list[int], fl
             prefill_seconds = time.perf_counter() - started
             started = time.perf_counter()
         reply.append(token)
-        if rank == 0:
+        if is_rank_zero():
             print(stream.push(token), end="", flush=True)
-    if rank == 0:
+    if is_rank_zero():
         print(stream.flush())
     return reply, prefill_seconds, time.perf_counter() - started
 
@@ -1727,7 +1739,7 @@ class Chat:
 def read_line(prompt: str) -> str | None:
     """Read a line on rank 0 and share it with every rank; None at end of input or Ctrl-C."""
     text = None
-    if rank == 0:
+    if is_rank_zero():
         try:
             text = input(prompt)
         except (EOFError, KeyboardInterrupt):
@@ -1763,7 +1775,8 @@ def interactive(session: Session) -> None:
 
 def run(args: argparse.Namespace) -> None:
     if args.info:
-        print(format_description(describe(read_config_only(args.model))))
+        if is_rank_zero():
+            print(format_description(describe(read_config_only(args.model))))
         return
     args.model = args.model or DEFAULT_MODEL
     if args.prompt is None and not args.interactive:
@@ -1783,7 +1796,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except UserError as error:
-        if rank == 0:
+        if is_rank_zero():
             print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

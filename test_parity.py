@@ -876,6 +876,7 @@ def test_cli_rejects_bad_input(name, checkpoints, capsys, tmp_path, other_family
     assert "--top-k" in cli_error(module, capsys, *ok, "--prompt", "hi", "--top-k", "-5")
     assert "--max-new-tokens" in cli_error(module, capsys, *ok, "--prompt", "hi", "--max-new-tokens", "0")
     assert "--max-memory" in cli_error(module, capsys, *ok, "--prompt", "hi", "--max-memory", "0")
+    assert "--max-memory" in cli_error(module, capsys, *ok, "--prompt", "hi", "--max-memory", "inf")
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -978,9 +979,18 @@ def test_parallel_fit_check_rejects_small_budget(name, checkpoints):
     _, folder = checkpoints(name)
     module = importlib.import_module(CASES[name].module)
     config, _ = module.read_config(folder)
-    with pytest.raises(module.UserError, match=r"run on at least \d+ devices.*--nproc-per-node \d+") as error:
+    with pytest.raises(module.UserError, match=r"run on at least \d+ devices \(torchrun --nproc-per-node N") as error:
         module.load_model(folder, config, CPU, torch.float32, max_memory=1e-5)
     assert "--max-memory" in str(error.value)
+
+
+def test_parallel_cli_error_prints_once(tmp_path):
+    """An error raised before the ranks join their process group still prints once, from rank 0."""
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={PARALLEL_RANKS}", "--standalone",
+               "gemma3.py", "--model", str(tmp_path / "missing"), "--prompt", "hi"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=PARALLEL_TIMEOUT, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0
+    assert result.stderr.count("error: --model") == 1, result.stderr[-2000:]
 
 
 def test_parallel_cli_prints_once_on_real_gemma3(tmp_path):
@@ -4053,7 +4063,7 @@ def test_grok2_5_parallel_fit_check_rejects_small_budget(grok_checkpoint):
     folder, _ = grok_checkpoint
     module = importlib.import_module("grok2_5")
     config, _ = module.read_config(folder)
-    with pytest.raises(module.UserError, match=r"run on at least \d+ devices.*--nproc-per-node \d+") as error:
+    with pytest.raises(module.UserError, match=r"run on at least \d+ devices \(torchrun --nproc-per-node N") as error:
         module.load_model(folder, config, CPU, torch.float32, max_memory=1e-5)
     assert "--max-memory" in str(error.value)
 
@@ -4349,6 +4359,7 @@ def test_grok2_5_cli_rejects_bad_input(grok_checkpoint, capsys, tmp_path, other_
     assert "--top-k" in cli_error(module, capsys, *ok, "--prompt", "hi", "--top-k", "-5")
     assert "--max-new-tokens" in cli_error(module, capsys, *ok, "--prompt", "hi", "--max-new-tokens", "0")
     assert "--max-memory" in cli_error(module, capsys, *ok, "--prompt", "hi", "--max-memory", "0")
+    assert "--max-memory" in cli_error(module, capsys, *ok, "--prompt", "hi", "--max-memory", "inf")
 
 
 def test_grok2_5_cli_rejects_prompt_longer_than_context(capsys, tmp_path):
