@@ -164,12 +164,12 @@ class Config:
 # --------------------------------------------------------------------------------------------------
 # Tensor parallelism (torchrun)
 #
-# Under `torchrun --nproc-per-node N deepseek_v3.py ...` each of the N ranks holds 1/N of the attention
+# Under `torchrun --nproc-per-node N deepseek_v3.py ...` each of the N ranks stores 1/N of the attention
 # heads, of the dense and shared-expert MLP columns, of the routed experts and of the vocabulary, and
 # reads only those slices of the checkpoint. The small latent projections and the router stay whole
 # on every rank.
 # A column-parallel linear layer splits its output features across ranks, so it needs no
-# communication; the row-parallel layer after it splits its input features and sums the partial
+# communication. The row-parallel layer after it splits its input features and sums the partial
 # products with one all-reduce. A plain `python deepseek_v3.py` run keeps world_size 1 and calls no
 # torch.distributed function.
 
@@ -179,8 +179,8 @@ world_size, rank = 1, 0  # set by init_distributed() under torchrun
 def is_rank_zero() -> bool:
     """Return whether this process prints: rank 0 under torchrun, or a plain run.
 
-    torchrun's RANK variable answers before the process group exists, so that errors raised
-    before init_distributed() also print once.
+    torchrun sets the RANK variable before the process group exists, so errors raised before
+    init_distributed() also print once.
     """
     return os.environ.get("RANK", "0") == "0"
 
@@ -225,10 +225,10 @@ def broadcast_object(value):
     return box[0]
 
 
-def split_evenly(total: int, what: str) -> int:
+def split_evenly(total: int, quantity: str) -> int:
     """Return this rank's share of `total` units (heads, columns, vocabulary rows), which must divide evenly."""
     if total % world_size:
-        raise UserError(f"{what} ({total}) cannot be split evenly across {world_size} ranks; use a --nproc-per-node that divides {total}")
+        raise UserError(f"{quantity} ({total}) cannot be split evenly across {world_size} ranks; use a --nproc-per-node that divides {total}")
     return total // world_size
 
 
@@ -241,7 +241,7 @@ def experts_of_rank(total: int) -> tuple[int, int]:
 class ColumnParallelLinear(nn.Linear):
     """A linear layer whose output features are split across ranks; each rank computes its own slice.
 
-    `shard` = (dim, first, total): this rank's weight is rows first .. first + local of the
+    `shard` = (dim, first, total): this rank's weight is rows first .. first + local - 1 of the
     checkpoint's `total` rows; the loader reads only those.
     """
 
@@ -281,7 +281,7 @@ class UnreducedRowParallelLinear(RowParallelLinear):
         return F.linear(x, self.weight)
 
 class ParallelEmbedding(nn.Embedding):
-    """An embedding whose vocabulary rows are split across ranks; each rank looks up the ids it holds."""
+    """An embedding whose vocabulary rows are split across ranks; each rank looks up the ids in its slice."""
 
     def __init__(self, vocab_size: int, dim: int):
         local = split_evenly(vocab_size, "vocabulary size")
@@ -533,7 +533,7 @@ class Attention(nn.Module):
 
     @staticmethod
     def keys_of_static_step(keys: torch.Tensor, values: torch.Tensor, position: torch.Tensor, kv: "LayerCache"):
-        """Like visible_keys for one token whose position is a tensor (the --compile decode step).
+        """Cache one token whose position is a tensor (the --compile decode step), as visible_keys does.
 
         The step writes into the cache in place and attends over the whole buffer with a mask, so
         that every position runs the same shapes and so the same compiled graph.
@@ -1092,7 +1092,7 @@ def fp8_scale_slice(key: str, full_shape: tuple[int, ...], shard: tuple[int, int
 
 
 def checkpoint_slice(model: nn.Module, name: str) -> tuple[tuple[int, ...], tuple[int, int, int] | None]:
-    """Return the checkpoint shape of parameter `name` and the (dim, first, length) slice this rank holds."""
+    """Return the checkpoint shape of parameter `name` and the (dim, first, length) slice this rank stores."""
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
     shape = tuple(getattr(module, attr).shape)  # a parameter or a buffer (the router's correction bias)
@@ -1380,6 +1380,7 @@ def compile_decode_step(model: Model) -> Callable:
     cannot store the prepacked weights, so it is skipped); in float32, bound by reading the
     weights, it gained about 6%. So it pays for long generations and chats in
     bfloat16, not for a short reply.
+
     Freezing would also fold the dequantisation of resident FP8 weights (FP8Linear) into dense
     copies in the model dtype, kept next to the FP8 originals, so such a model compiles without it
     and each step dequantises as the eager one does.

@@ -205,12 +205,12 @@ def int4_group_size(quantization: dict) -> int:
 # --------------------------------------------------------------------------------------------------
 # Tensor parallelism (torchrun)
 #
-# Under `torchrun --nproc-per-node N kimi2.py ...` each of the N ranks holds 1/N of the attention
+# Under `torchrun --nproc-per-node N kimi2.py ...` each of the N ranks stores 1/N of the attention
 # heads, of the dense and shared-expert MLP columns, of the routed experts and of the vocabulary, and
 # reads only those slices of the checkpoint. The small latent projections and the router stay whole
 # on every rank.
 # A column-parallel linear layer splits its output features across ranks, so it needs no
-# communication; the row-parallel layer after it splits its input features and sums the partial
+# communication. The row-parallel layer after it splits its input features and sums the partial
 # products with one all-reduce. A plain `python kimi2.py` run keeps world_size 1 and calls no
 # torch.distributed function.
 
@@ -220,8 +220,8 @@ world_size, rank = 1, 0  # set by init_distributed() under torchrun
 def is_rank_zero() -> bool:
     """Return whether this process prints: rank 0 under torchrun, or a plain run.
 
-    torchrun's RANK variable answers before the process group exists, so that errors raised
-    before init_distributed() also print once.
+    torchrun sets the RANK variable before the process group exists, so errors raised before
+    init_distributed() also print once.
     """
     return os.environ.get("RANK", "0") == "0"
 
@@ -266,10 +266,10 @@ def broadcast_object(value):
     return box[0]
 
 
-def split_evenly(total: int, what: str) -> int:
+def split_evenly(total: int, quantity: str) -> int:
     """Return this rank's share of `total` units (heads, columns, vocabulary rows), which must divide evenly."""
     if total % world_size:
-        raise UserError(f"{what} ({total}) cannot be split evenly across {world_size} ranks; use a --nproc-per-node that divides {total}")
+        raise UserError(f"{quantity} ({total}) cannot be split evenly across {world_size} ranks; use a --nproc-per-node that divides {total}")
     return total // world_size
 
 
@@ -282,7 +282,7 @@ def experts_of_rank(total: int) -> tuple[int, int]:
 class ColumnParallelLinear(nn.Linear):
     """A linear layer whose output features are split across ranks; each rank computes its own slice.
 
-    `shard` = (dim, first, total): this rank's weight is rows first .. first + local of the
+    `shard` = (dim, first, total): this rank's weight is rows first .. first + local - 1 of the
     checkpoint's `total` rows; the loader reads only those.
     """
 
@@ -322,7 +322,7 @@ class UnreducedRowParallelLinear(RowParallelLinear):
 
 
 class ParallelEmbedding(nn.Embedding):
-    """An embedding whose vocabulary rows are split across ranks; each rank looks up the ids it holds."""
+    """An embedding whose vocabulary rows are split across ranks; each rank looks up the ids in its slice."""
 
     def __init__(self, vocab_size: int, dim: int):
         local = split_evenly(vocab_size, "vocabulary size")
@@ -1165,7 +1165,7 @@ def load_dtype(model: Model, name: str, dtype: torch.dtype) -> torch.dtype | Non
 
 
 def checkpoint_slice(model: nn.Module, name: str) -> tuple[tuple[int, ...], tuple[int, int, int] | None]:
-    """Return the checkpoint shape of parameter or buffer `name` and the (dim, first, length) slice this rank holds.
+    """Return the checkpoint shape of parameter or buffer `name` and the (dim, first, length) slice this rank stores.
 
     A weight or scale kept quantised is split like its layer's weight, in units of its entries.
     """
@@ -1642,8 +1642,8 @@ def compile_decode_step(model: Model) -> Callable:
     bfloat16, not for a short reply.
 
     Weights kept as FP8 or INT4 (--dtype auto) turn freezing off. Freezing would fold their
-    dequantisation into dense constants, a dense copy of every quantised weight kept next to the
-    quantised one; without it each step dequantises them, as the eager model does.
+    dequantisation into dense constants, which puts a dense copy of every quantised weight next to
+    the quantised one. Without freezing, each step dequantises them, as the eager model does.
 
     Freezing applies to half-precision weights only, because the prepacked copy sits next to the
     weights: Gemma 3 270M peaked at 1627 MB instead of 929 MB in bfloat16, and in float32 at

@@ -174,10 +174,10 @@ class Config:
 # --------------------------------------------------------------------------------------------------
 # Tensor parallelism (torchrun)
 #
-# Under `torchrun --nproc-per-node N qwen3_next.py ...` each of the N ranks holds 1/N of the attention
+# Under `torchrun --nproc-per-node N qwen3_next.py ...` each of the N ranks stores 1/N of the attention
 # heads, of the Gated DeltaNet heads, of the dense and shared-expert MLP columns, of the routed
 # experts and of the vocabulary, and reads only those slices of the checkpoint. A column-parallel
-# linear layer splits its output features across ranks, so it needs no communication; the
+# linear layer splits its output features across ranks, so it needs no communication. The
 # row-parallel layer after it splits its input features and sums the partial products with one
 # all-reduce. A mixture-of-experts layer sums its routed and shared partial outputs with one
 # all-reduce. A plain `python qwen3_next.py` run keeps world_size 1 and calls no torch.distributed
@@ -189,8 +189,8 @@ world_size, rank = 1, 0  # set by init_distributed() under torchrun
 def is_rank_zero() -> bool:
     """Return whether this process prints: rank 0 under torchrun, or a plain run.
 
-    torchrun's RANK variable answers before the process group exists, so that errors raised
-    before init_distributed() also print once.
+    torchrun sets the RANK variable before the process group exists, so errors raised before
+    init_distributed() also print once.
     """
     return os.environ.get("RANK", "0") == "0"
 
@@ -235,10 +235,10 @@ def broadcast_object(value):
     return box[0]
 
 
-def split_evenly(total: int, what: str) -> int:
+def split_evenly(total: int, quantity: str) -> int:
     """Return this rank's share of `total` units (heads, columns, vocabulary rows), which must divide evenly."""
     if total % world_size:
-        raise UserError(f"{what} ({total}) cannot be split evenly across {world_size} ranks; use a --nproc-per-node that divides {total}")
+        raise UserError(f"{quantity} ({total}) cannot be split evenly across {world_size} ranks; use a --nproc-per-node that divides {total}")
     return total // world_size
 
 
@@ -259,7 +259,7 @@ def kv_heads_of_rank(total: int) -> tuple[int, int]:
 class ColumnParallelLinear(nn.Linear):
     """A linear layer whose output features are split across ranks; each rank computes its own slice.
 
-    `shard` = (dim, first, total): this rank's weight is rows first .. first + local of the
+    `shard` = (dim, first, total): this rank's weight is rows first .. first + local - 1 of the
     checkpoint's `total` rows; the loader reads only those.
     """
 
@@ -285,7 +285,7 @@ class RowParallelLinear(nn.Linear):
 
 
 class ParallelEmbedding(nn.Embedding):
-    """An embedding whose vocabulary rows are split across ranks; each rank looks up the ids it holds."""
+    """An embedding whose vocabulary rows are split across ranks; each rank looks up the ids in its slice."""
 
     def __init__(self, vocab_size: int, dim: int):
         local = split_evenly(vocab_size, "vocabulary size")
@@ -423,7 +423,7 @@ class Attention(nn.Module):
         return k, v, k_pos <= q_pos  # (T, S) causal
 
     def keys_of_static_step(self, k: torch.Tensor, v: torch.Tensor, position: torch.Tensor, kv: "LayerCache"):
-        """Like visible_keys for one token whose position is a tensor (the --compile decode step).
+        """Cache one token whose position is a tensor (the --compile decode step), as visible_keys does.
 
         The step writes into the cache in place and attends over the whole buffer with a mask, so
         that every position runs the same shapes and so the same compiled graph.
@@ -1100,7 +1100,7 @@ def allocate_experts(model: Model, dtype: torch.dtype, device: torch.device) -> 
 
 
 def checkpoint_slice(model: nn.Module, name: str) -> tuple[tuple[int, ...], tuple[int, int, int] | None]:
-    """Return the checkpoint shape of parameter `name` and the (dim, first, length) slice this rank holds."""
+    """Return the checkpoint shape of parameter `name` and the (dim, first, length) slice this rank stores."""
     shape = tuple(model.get_parameter(name).shape)
     module_name, _, _ = name.rpartition(".")
     shard = getattr(model.get_submodule(module_name), "shard", None)
