@@ -250,6 +250,12 @@ class ParallelEmbedding(nn.Embedding):
         super().__init__(local, dim)
         self.shard = (0, rank * local, vocab_size)
 
+    def reset_parameters(self) -> None:
+        # The loader fills the weight from the checkpoint, so nn.Embedding's random init is skipped.
+        # On the meta device, normal_() would import torch._dynamo: about 1 s of start-up, and
+        # modules that keep the torchrun process group alive until exit, where gloo can abort.
+        pass
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if world_size == 1:
             return super().forward(tokens)
@@ -283,7 +289,8 @@ class RMSNorm(nn.Module):
 
 def rope_inv_freq(head_dim: int, theta: float, scaling_factor: float = 1.0) -> torch.Tensor:
     """Inverse frequencies theta^(-2i/d) of RoPE (Su et al., 2021), divided by the linear scaling factor."""
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
+    # On the CPU, also inside load_model's meta-device context: arithmetic on meta tensors imports torch._dynamo (about 1 s).
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim
     return 1.0 / (theta**exponents) / scaling_factor
 
 
@@ -685,7 +692,7 @@ def load_model(folder: Path, config: Config, device: torch.device, dtype: torch.
         raise UserError(f"checkpoint {folder} lacks tensor {missing[0]}{more}")
     if skipped:
         log(f"skipped {skipped} vision-tower tensors: this file runs the text model only")
-    # Buffers (RoPE frequencies) were built on the meta device; recompute them where the weights live.
+    # The RoPE frequencies were computed on the CPU (see rope_inv_freq); recompute them where the weights live.
     model.inv_freq_global = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling_factor).to(device)
     model.inv_freq_local = rope_inv_freq(config.head_dim, config.rope_local_base_freq).to(device)
     return model.eval()

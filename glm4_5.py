@@ -258,6 +258,12 @@ class ParallelEmbedding(nn.Embedding):
         super().__init__(local, dim)
         self.shard = (0, rank * local, vocab_size)
 
+    def reset_parameters(self) -> None:
+        # The loader fills the weight from the checkpoint, so nn.Embedding's random init is skipped.
+        # On the meta device, normal_() would import torch._dynamo: about 1 s of start-up, and
+        # modules that keep the torchrun process group alive until exit, where gloo can abort.
+        pass
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if world_size == 1:
             return super().forward(tokens)
@@ -287,7 +293,8 @@ class RMSNorm(nn.Module):
 
 def rope_inv_freq(rotary_dim: int, theta: float) -> torch.Tensor:
     """Inverse frequencies theta^(-2i/d) of RoPE (Su et al., 2021), d = the rotated dims only."""
-    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim
+    # On the CPU, also inside load_model's meta-device context: arithmetic on meta tensors imports torch._dynamo (about 1 s).
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float32, device="cpu") / rotary_dim
     return 1.0 / (theta**exponents)
 
 
@@ -790,7 +797,7 @@ def load_model(folder: Path, config: Config, device: torch.device, dtype: torch.
         raise UserError(f"checkpoint {folder} lacks tensor {missing[0]}{more}")
     if skipped:
         log(f"skipped {skipped} tensors of the multi-token prediction (MTP) layers: this file decodes one token per step")
-    # The RoPE frequency buffer was built on the meta device; recompute it where the weights live.
+    # The RoPE frequencies were computed on the CPU (see rope_inv_freq); recompute them where the weights live.
     model.inv_freq = rope_inv_freq(config.rotary_dim, config.rope_theta).to(device)
     return model.eval()
 

@@ -277,6 +277,12 @@ class ParallelEmbedding(nn.Embedding):
         super().__init__(local, dim)
         self.shard = (0, rank * local, vocab_size)
 
+    def reset_parameters(self) -> None:
+        # The loader fills the weight from the checkpoint, so nn.Embedding's random init is skipped.
+        # On the meta device, normal_() would import torch._dynamo: about 1 s of start-up, and
+        # modules that keep the torchrun process group alive until exit, where gloo can abort.
+        pass
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if world_size == 1:
             return super().forward(tokens)
@@ -318,7 +324,8 @@ def rope_inv_freq(config: Config) -> torch.Tensor:
     """
     dim, theta, factor = config.head_dim, config.rope_theta, config.rope_scaling_factor
     original = config.rope_original_max_position_embeddings
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))  # (dim/2,)
+    # On the CPU, also inside load_model's meta-device context: arithmetic on meta tensors imports torch._dynamo (about 1 s).
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim))  # (dim/2,)
 
     def pair_index(rotations: float) -> float:
         # The pair i whose wavelength 2*pi*theta^(2i/dim) fits `rotations` times into the original context.
@@ -330,7 +337,7 @@ def rope_inv_freq(config: Config) -> torch.Tensor:
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001  # keeps the ramp finite
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
     keep = 1 - ramp  # share of the original frequency: 1 for fast pairs, 0 for slow ones
     return (inv_freq / factor) * (1 - keep) + inv_freq * keep
 
@@ -921,7 +928,7 @@ def load_model(
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise UserError(f"checkpoint {folder} lacks tensor {missing[0]}{more}")
-    # Buffers (RoPE frequencies) were built on the meta device; recompute them where the weights live.
+    # The RoPE frequencies were computed on the CPU (see rope_inv_freq); recompute them where the weights live.
     model.inv_freq = rope_inv_freq(config).to(device)
     return model.eval()
 

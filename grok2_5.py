@@ -249,6 +249,12 @@ class ParallelEmbedding(nn.Embedding):
         super().__init__(local, dim)
         self.shard = (0, rank * local, vocab_size)
 
+    def reset_parameters(self) -> None:
+        # The loader fills the weight from the checkpoint, so nn.Embedding's random init is skipped.
+        # On the meta device, normal_() would import torch._dynamo: about 1 s of start-up, and
+        # modules that keep the torchrun process group alive until exit, where gloo can abort.
+        pass
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if world_size == 1:
             return super().forward(tokens)
@@ -278,7 +284,8 @@ class RMSNorm(nn.Module):
 
 def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
     """Inverse frequencies theta^(-2i/d) of RoPE (Su et al., 2021), with theta truncated to an integer as sglang does."""
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
+    # On the CPU, also inside load_model's meta-device context: arithmetic on meta tensors imports torch._dynamo (about 1 s).
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim
     return 1.0 / (int(theta) ** exponents)
 
 
@@ -839,7 +846,7 @@ def load_model(folder: Path, config: Config, device: torch.device, dtype: torch.
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise UserError(f"checkpoint {folder} lacks tensor {missing[0]}{more}")
-    # Buffers (RoPE frequencies) were built on the meta device; recompute them where the weights live.
+    # The RoPE frequencies were computed on the CPU (see rope_inv_freq); recompute them where the weights live.
     model.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta).to(device)
     return model.eval()
 

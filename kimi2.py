@@ -329,6 +329,12 @@ class ParallelEmbedding(nn.Embedding):
         super().__init__(local, dim)
         self.shard = (0, rank * local, vocab_size)
 
+    def reset_parameters(self) -> None:
+        # The loader fills the weight from the checkpoint, so nn.Embedding's random init is skipped.
+        # On the meta device, normal_() would import torch._dynamo: about 1 s of start-up, and
+        # modules that keep the torchrun process group alive until exit, where gloo can abort.
+        pass
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if world_size == 1:
             return super().forward(tokens)
@@ -369,7 +375,8 @@ def rope_inv_freq(config: Config) -> torch.Tensor:
     slow ones (fewer than beta_slow turns) by `rope_factor`, and blends linearly in between.
     """
     dim, theta = config.qk_rope_head_dim, config.rope_theta
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    # On the CPU, also inside load_model's meta-device context: arithmetic on meta tensors imports torch._dynamo (about 1 s).
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim))
     if config.rope_type != "yarn":
         return inv_freq
 
@@ -383,7 +390,7 @@ def rope_inv_freq(config: Config) -> torch.Tensor:
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001  # avoids a zero-width ramp
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)  # 0: keep, 1: divide
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)  # 0: keep, 1: divide
     return inv_freq * (1 - ramp) + inv_freq / config.rope_factor * ramp
 
 
@@ -1119,7 +1126,7 @@ def load_model(
         raise UserError(f"checkpoint {folder} lacks tensor {missing[0]}{more}")
     if skipped:
         log(f"skipped {skipped} multi-token-prediction tensors (model.layers.{config.num_hidden_layers}.* and up): this file predicts one token at a time")
-    # The RoPE frequencies were built on the meta device; recompute them where the weights live.
+    # The RoPE frequencies were computed on the CPU (see rope_inv_freq); recompute them where the weights live.
     model.inv_freq = rope_inv_freq(config).to(device)
     return model.eval()
 

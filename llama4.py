@@ -307,6 +307,12 @@ class ParallelEmbedding(nn.Embedding):
         super().__init__(local, dim)
         self.shard = (0, rank * local, vocab_size)
 
+    def reset_parameters(self) -> None:
+        # The loader fills the weight from the checkpoint, so nn.Embedding's random init is skipped.
+        # On the meta device, normal_() would import torch._dynamo: about 1 s of start-up, and
+        # modules that keep the torchrun process group alive until exit, where gloo can abort.
+        pass
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if world_size == 1:
             return super().forward(tokens)
@@ -348,7 +354,8 @@ def rope_inv_freq(config: Config) -> torch.Tensor:
     original_max_position_embeddings / high_freq_factor, divides those with a wavelength longer than
     original_max_position_embeddings / low_freq_factor by the factor, and blends linearly in between.
     """
-    exponents = torch.arange(0, config.head_dim, 2, dtype=torch.float32) / config.head_dim
+    # On the CPU, also inside load_model's meta-device context: arithmetic on meta tensors imports torch._dynamo (about 1 s).
+    exponents = torch.arange(0, config.head_dim, 2, dtype=torch.float32, device="cpu") / config.head_dim
     inv_freq = 1.0 / (config.rope_theta**exponents)
     if config.rope_type != "llama3":
         return inv_freq
@@ -859,7 +866,7 @@ def load_model(folder: Path, config: Config, device: torch.device, dtype: torch.
         raise UserError(f"checkpoint {folder} lacks tensor {missing[0]}{more}")
     if skipped:
         log(f"skipped {skipped} vision-model and projector tensors: this file runs the text model only")
-    # Buffers (RoPE frequencies) were built on the meta device; recompute them where the weights live.
+    # The RoPE frequencies were computed on the CPU (see rope_inv_freq); recompute them where the weights live.
     model.inv_freq = rope_inv_freq(config).to(device)
     return model.eval()
 

@@ -273,6 +273,12 @@ class ParallelEmbedding(nn.Embedding):
         super().__init__(local, dim)
         self.shard = (0, rank * local, vocab_size)
 
+    def reset_parameters(self) -> None:
+        # The loader fills the weight from the checkpoint, so nn.Embedding's random init is skipped.
+        # On the meta device, normal_() would import torch._dynamo: about 1 s of start-up, and
+        # modules that keep the torchrun process group alive until exit, where gloo can abort.
+        pass
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if world_size == 1:
             return super().forward(tokens)
@@ -327,7 +333,8 @@ class ParallelRMSNorm(RMSNorm):
 
 def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
     """Inverse frequencies theta^(-2i/d) of RoPE (Su et al., 2021)."""
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
+    # On the CPU, also inside load_model's meta-device context: arithmetic on meta tensors imports torch._dynamo (about 1 s).
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim
     return 1.0 / (theta**exponents)
 
 
@@ -363,9 +370,9 @@ def yarn_inv_freq(head_dim: int, theta: float, scaling: dict, max_position_embed
     low, high = max(low, 0), min(high, head_dim - 1)
     if low == high:
         high += 0.001  # the ramp below would divide by zero
-    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)  # (head_dim/2,)
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)  # (head_dim/2,)
     keep = 1 - ramp  # 1: the original frequency, 0: the one divided by `factor`
-    theta_powers = theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # 1 / the plain frequencies
+    theta_powers = theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim)  # 1 / the plain frequencies
     inv_freq = 1.0 / (factor * theta_powers) * (1 - keep) + 1.0 / theta_powers * keep
     return inv_freq, float(attention_factor)
 
@@ -749,7 +756,7 @@ def load_model(folder: Path, config: Config, device: torch.device, dtype: torch.
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise UserError(f"checkpoint {folder} lacks tensor {missing[0]}{more}")
-    # Buffers (RoPE frequencies) were built on the meta device; recompute them where the weights live.
+    # The RoPE frequencies were computed on the CPU (see rope_inv_freq); recompute them where the weights live.
     model.inv_freq_full = full_attention_inv_freq(config)[0].to(device)
     model.inv_freq_sliding = rope_inv_freq(config.head_dim, config.sliding_rope_theta).to(device)
     return model.eval()

@@ -299,6 +299,12 @@ class ParallelEmbedding(nn.Embedding):
         super().__init__(local, dim)
         self.shard = (0, rank * local, vocab_size)
 
+    def reset_parameters(self) -> None:
+        # The loader fills the weight from the checkpoint, so nn.Embedding's random init is skipped.
+        # On the meta device, normal_() would import torch._dynamo: about 1 s of start-up, and
+        # modules that keep the torchrun process group alive until exit, where gloo can abort.
+        pass
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if world_size == 1:
             return super().forward(tokens)
@@ -338,7 +344,8 @@ def rope_inv_freq(config: Config) -> tuple[torch.Tensor, float]:
     the config sets it (`attention_factor`, or `mscale` with `mscale_all_dim`).
     """
     dim, base = config.head_dim, config.rope_theta
-    wavelengths = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)  # each pair's wavelength / (2 pi)
+    # On the CPU, also inside load_model's meta-device context: arithmetic on meta tensors imports torch._dynamo (about 1 s).
+    wavelengths = base ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim)  # each pair's wavelength / (2 pi)
     yarn = config.rope_scaling
     # Dual chunk attention keeps every relative position within the trained range, so it uses the
     # unscaled frequencies and ignores `rope_scaling`, as vLLM's get_rope does.
@@ -368,7 +375,7 @@ def rope_inv_freq(config: Config) -> tuple[torch.Tensor, float]:
         high += 0.001  # avoid dividing by zero in the ramp
     # `keep` is 1 for the frequencies left as they are and 0 for those divided by `factor`.
     # The blend follows transformers' order of operations, so the result matches it bit for bit.
-    keep = 1 - ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
     inv_freq = 1.0 / (factor * wavelengths) * (1 - keep) + 1.0 / wavelengths * keep
     return inv_freq, float(attention_factor)
 
@@ -1047,7 +1054,7 @@ def load_model(folder: Path, config: Config, device: torch.device, dtype: torch.
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise UserError(f"checkpoint {folder} lacks tensor {missing[0]}{more}")
-    # The RoPE buffer was built on the meta device; recompute it where the weights live.
+    # The RoPE frequencies were computed on the CPU (see rope_inv_freq); recompute them where the weights live.
     model.inv_freq = rope_inv_freq(config)[0].to(device)
     return model.eval()
 

@@ -299,6 +299,12 @@ class ParallelEmbedding(nn.Embedding):
         super().__init__(local, dim)
         self.shard = (0, rank * local, vocab_size)
 
+    def reset_parameters(self) -> None:
+        # The loader fills the weight from the checkpoint, so nn.Embedding's random init is skipped.
+        # On the meta device, normal_() would import torch._dynamo: about 1 s of start-up, and
+        # modules that keep the torchrun process group alive until exit, where gloo can abort.
+        pass
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if world_size == 1:
             return super().forward(tokens)
@@ -332,7 +338,8 @@ class RMSNorm(nn.Module):
 def rope_inv_freq(config: Config) -> torch.Tensor:
     """Inverse frequencies theta^(-2i/d) of RoPE (Su et al., 2021), rescaled as config.rope_scaling specifies."""
     dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    # On the CPU, also inside load_model's meta-device context: arithmetic on meta tensors imports torch._dynamo (about 1 s).
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim))
     scaling = config.rope_scaling or {"rope_type": "default"}
     if scaling["rope_type"] == "linear":
         return inv_freq / scaling["factor"]
@@ -717,7 +724,7 @@ def load_model(folder: Path, config: Config, device: torch.device, dtype: torch.
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise UserError(f"checkpoint {folder} lacks tensor {missing[0]}{more}")
-    # The RoPE frequencies were built on the meta device; recompute them where the weights live.
+    # The RoPE frequencies were computed on the CPU (see rope_inv_freq); recompute them where the weights live.
     model.inv_freq = rope_inv_freq(config).to(device)
     return model.eval()
 

@@ -1007,6 +1007,32 @@ def test_parallel_cli_prints_once_on_real_gemma3(tmp_path):
     assert split.stderr.count("loaded ") == 1  # rank 0 alone logs
 
 
+DYNAMO_PROBE = """
+import importlib, sys, torch
+from pathlib import Path
+for pair in sys.argv[1:]:
+    name, module_name, folder = pair.split("=", 2)
+    module = importlib.import_module(module_name)
+    config, _ = module.read_config(Path(folder))
+    model = module.load_model(Path(folder), config, torch.device("cpu"), torch.float32)
+    list(module.generate(model, [5, 6, 7], 3, temperature=1.0, seed=1))
+    if "torch._dynamo" in sys.modules:
+        sys.exit(f"{name}: loading or generating imported torch._dynamo")
+"""
+
+
+def test_loading_and_generating_leave_torch_dynamo_unimported(checkpoints):
+    """Loading and generating never import torch._dynamo (only --compile needs it).
+
+    Arithmetic on meta tensors imports it: about 1 s of start-up and 65 MB. Under torchrun its
+    modules also keep the gloo process group alive after destroy_process_group, until interpreter
+    exit, where gloo's threads can abort the process ("terminate called without an active exception").
+    """
+    pairs = [f"{name}={case.module}={checkpoints(name)[1]}" for name, case in CASES.items()]
+    result = subprocess.run([sys.executable, "-c", DYNAMO_PROBE, *pairs], capture_output=True, text=True, timeout=PARALLEL_TIMEOUT, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 # --------------------------------------------------------------------------------------------------
 # Gemma 3: the text part of multimodal checkpoints, in both weight layouts
 
