@@ -1530,6 +1530,8 @@ def run(args: argparse.Namespace) -> None:
     args.model = args.model or DEFAULT_MODEL
     if args.prompt is None and not args.interactive:
         raise UserError("--prompt is required (or use --interactive)")
+    if args.prompt is not None and args.interactive:
+        raise UserError("--interactive reads its prompts from the terminal; drop --prompt (or --interactive)")
     if args.prompt is not None and not args.prompt.strip():
         raise UserError("--prompt is empty; give some text to continue")
     session = load_session(args)

@@ -870,6 +870,7 @@ def test_cli_rejects_bad_input(name, checkpoints, capsys, tmp_path, other_family
 
     ok = ["--model", str(folder), "--device", "cpu"]
     assert "empty" in cli_error(module, capsys, *ok, "--prompt", "  ")
+    assert "drop --prompt" in cli_error(module, capsys, *ok, "--prompt", "hi", "--interactive")
     assert "--temperature" in cli_error(module, capsys, *ok, "--prompt", "hi", "--temperature", "-1")
     assert "--temperature" in cli_error(module, capsys, *ok, "--prompt", "hi", "--temperature", "nan")
     assert "--top-p" in cli_error(module, capsys, *ok, "--prompt", "hi", "--top-p", "0")
@@ -4379,6 +4380,7 @@ def test_grok2_5_cli_rejects_bad_input(grok_checkpoint, capsys, tmp_path, other_
 
     ok = ["--model", str(folder), "--device", "cpu"]
     assert "empty" in cli_error(module, capsys, *ok, "--prompt", "  ")
+    assert "drop --prompt" in cli_error(module, capsys, *ok, "--prompt", "hi", "--interactive")
     assert "--temperature" in cli_error(module, capsys, *ok, "--prompt", "hi", "--temperature", "-1")
     assert "--temperature" in cli_error(module, capsys, *ok, "--prompt", "hi", "--temperature", "nan")
     assert "--top-p" in cli_error(module, capsys, *ok, "--prompt", "hi", "--top-p", "0")
