@@ -1601,6 +1601,9 @@ class Session:
 
     def generate(self, prompt: list[int], cache: KVCache | None = None, start_pos: int = 0) -> Iterator[int]:
         self.check_fits(start_pos + len(prompt))
+        beyond = [token for token in prompt if not 0 <= token < self.config.vocab_size]
+        if beyond:  # the embedding has no row for it: the tokenizer belongs to another checkpoint
+            raise UserError(f"the tokenizer gave token id {beyond[0]}, outside the {self.config.vocab_size} rows of the embedding; use the tokenizer of this checkpoint")
         return generate(self.model, prompt, self.max_new_tokens, *self.sampling, self.stop_tokens, self.seed, cache, start_pos, self.decode_step)
 
 

@@ -880,6 +880,22 @@ def test_cli_rejects_bad_input(name, checkpoints, capsys, tmp_path, other_family
     assert "--max-memory" in cli_error(module, capsys, *ok, "--prompt", "hi", "--max-memory", "inf")
 
 
+def assert_rejects_ids_outside_embedding(module, model) -> None:
+    """A prompt id beyond the embedding (a tokenizer from another checkpoint) is a one-line error, not an IndexError."""
+    vocab_size = model.config.vocab_size
+    session = module.Session(model=model, tokenizer=None, config=model.config, max_new_tokens=4, sampling=(0.0, 0, 1.0),
+                             stop_tokens=set(), seed=None, load_seconds=0.0)
+    with pytest.raises(module.UserError, match=f"token id {vocab_size}, outside the {vocab_size} rows"):
+        session.generate([1, vocab_size])
+    assert len(list(session.generate([1, vocab_size - 1]))) == 4  # the last row is a valid id
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_token_id_outside_embedding_rejected(name, checkpoints):
+    module = importlib.import_module(CASES[name].module)
+    assert_rejects_ids_outside_embedding(module, load_ours(module, checkpoints(name)[1]))
+
+
 @pytest.mark.parametrize("name", CASES)
 def test_cli_rejects_prompt_longer_than_context(name, capsys):
     """Needs a real tokenizer, so it runs on the converted checkpoint of the family, which has one."""
@@ -3977,6 +3993,10 @@ def load_grok(folder: Path, dtype=torch.float32):
 
 # --------------------------------------------------------------------------------------------------
 # Grok 2.5: loading
+
+
+def test_grok2_5_token_id_outside_embedding_rejected(grok_checkpoint):
+    assert_rejects_ids_outside_embedding(*load_grok(grok_checkpoint[0]))
 
 
 def test_grok2_5_published_layout_file_names(grok_checkpoint):
