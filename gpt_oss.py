@@ -706,22 +706,30 @@ def check_architecture(raw: dict, source: str) -> None:
     raise UserError(f"{source} is a {found!r} checkpoint, not gpt-oss ({', '.join(MODEL_TYPES)}); use the model file for its family")
 
 
+def read_json(file: Path) -> dict:
+    """Parse one of the checkpoint's JSON files; a damaged one (say, an interrupted download) is a UserError."""
+    try:
+        return json.loads(file.read_text())
+    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError
+        raise UserError(f"{file} is not valid JSON ({error}); download it again") from None
+
+
 def read_config(folder: Path) -> tuple[Config, dict]:
     """Return the Config and the generation settings (generation_config.json, or {}) of a checkpoint folder."""
     config_file = folder / "config.json"
     if not config_file.exists():
         raise UserError(f"{folder} has no config.json; pass a Hugging Face checkpoint folder")
-    raw = json.loads(config_file.read_text())
+    raw = read_json(config_file)
     check_architecture(raw, str(folder))
     generation_file = folder / "generation_config.json"
-    generation = json.loads(generation_file.read_text()) if generation_file.exists() else {}
+    generation = read_json(generation_file) if generation_file.exists() else {}
     return Config.from_hf(raw), generation
 
 
 def checkpoint_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        shards = sorted(set(read_json(index)["weight_map"].values()))
         missing = [name for name in shards if not (folder / name).exists()]
         if missing:
             raise UserError(f"{folder} is incomplete: {missing[0]} (named in model.safetensors.index.json) is missing")
@@ -794,10 +802,21 @@ class SafetensorsFile:
     def __init__(self, path: Path):
         self.path = path
         self.file = open(path, "rb")
+        size = path.stat().st_size
         header_size = int.from_bytes(self.file.read(8), "little")
-        self.header = json.loads(self.file.read(header_size))
+        try:
+            if size < 8 + header_size:
+                raise ValueError("the header runs past the end of the file")
+            self.header = json.loads(self.file.read(header_size))
+        except ValueError:
+            self.file.close()
+            raise UserError(f"{path} is not a valid safetensors file (damaged or cut short); download it again") from None
         self.header.pop("__metadata__", None)
         self.data_start = 8 + header_size
+        needed = self.data_start + max((entry["data_offsets"][1] for entry in self.header.values()), default=0)
+        if size < needed:  # reads past the end would leave parts of the tensors unwritten
+            self.file.close()
+            raise UserError(f"{path} is cut short ({size} bytes, its header describes {needed}); download it again")
 
     def keys(self) -> list[str]:
         return list(self.header)
@@ -1007,7 +1026,7 @@ class Tokenizer:
             raise UserError(f"{folder} has no tokenizer.json")
         self.tokenizer = HFTokenizer.from_file(str(file))
         config_file = folder / "tokenizer_config.json"
-        self.settings = json.loads(config_file.read_text()) if config_file.exists() else {}
+        self.settings = read_json(config_file) if config_file.exists() else {}
         template_file = folder / "chat_template.jinja"
         self.chat_template = template_file.read_text() if template_file.exists() else self.settings.get("chat_template")
         if isinstance(self.chat_template, list):  # [{"name": "default", "template": ...}, ...]
@@ -1351,8 +1370,8 @@ def read_config_only(model: str | None) -> Config:
     if model is None:
         return Config()
     path = Path(model).expanduser()
-    if path.is_dir():
-        return read_config(path)[0]
+    if path.exists() or model.count("/") != 1 or model.startswith((".", "/", "~")):
+        return read_config(resolve_checkpoint(model))[0]  # a local path: the checks of a run, no download
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
@@ -1674,6 +1693,8 @@ def run(args: argparse.Namespace) -> None:
         if is_rank_zero():
             print(format_description(describe(read_config_only(args.model))))
         return
+    if args.model is not None and not args.model.strip():
+        raise UserError("--model is empty; pass a checkpoint folder or a hub repo id (or leave --model out for the default)")
     args.model = args.model or DEFAULT_MODEL
     if args.prompt is None and not args.interactive:
         raise UserError("--prompt is required (or use --interactive)")

@@ -854,6 +854,26 @@ def other_family_folder(tmp_path):
     return folder
 
 
+def assert_rejects_damaged_checkpoints(module, capsys, folder: Path, tmp_path: Path) -> None:
+    """Empty --model, --info on a missing folder, damaged JSON and cut-short or damaged weights: one-line errors."""
+    assert "--model is empty" in cli_error(module, capsys, "--model", "", "--prompt", "hi")
+    assert "no such folder" in cli_error(module, capsys, "--info", "--model", str(tmp_path / "missing"))
+    assert "is a file" in cli_error(module, capsys, "--info", "--model", str(folder / "config.json"))
+    damaged = tmp_path / "damaged"
+    shutil.copytree(folder, damaged)
+    config, _ = module.read_config(damaged)
+    weights = sorted(damaged.glob("*.safetensors"))[0]
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(module.UserError, match="is cut short"):
+        module.load_model(damaged, config, CPU, torch.float32)
+    weights.write_bytes(bytes(range(256)) * 64)
+    with pytest.raises(module.UserError, match="not a valid safetensors file"):
+        module.load_model(damaged, config, CPU, torch.float32)
+    (damaged / "config.json").write_text('{"model_type": ')
+    assert "not valid JSON" in cli_error(module, capsys, "--model", str(damaged), "--prompt", "hi")
+
+
 @pytest.mark.parametrize("name", CASES)
 def test_cli_rejects_bad_input(name, checkpoints, capsys, tmp_path, other_family_folder):
     _, folder = checkpoints(name)
@@ -878,6 +898,7 @@ def test_cli_rejects_bad_input(name, checkpoints, capsys, tmp_path, other_family
     assert "--max-new-tokens" in cli_error(module, capsys, *ok, "--prompt", "hi", "--max-new-tokens", "0")
     assert "--max-memory" in cli_error(module, capsys, *ok, "--prompt", "hi", "--max-memory", "0")
     assert "--max-memory" in cli_error(module, capsys, *ok, "--prompt", "hi", "--max-memory", "inf")
+    assert_rejects_damaged_checkpoints(module, capsys, folder, tmp_path)
 
 
 def assert_rejects_ids_outside_embedding(module, model) -> None:
@@ -4408,6 +4429,7 @@ def test_grok2_5_cli_rejects_bad_input(grok_checkpoint, capsys, tmp_path, other_
     assert "--max-new-tokens" in cli_error(module, capsys, *ok, "--prompt", "hi", "--max-new-tokens", "0")
     assert "--max-memory" in cli_error(module, capsys, *ok, "--prompt", "hi", "--max-memory", "0")
     assert "--max-memory" in cli_error(module, capsys, *ok, "--prompt", "hi", "--max-memory", "inf")
+    assert_rejects_damaged_checkpoints(module, capsys, folder, tmp_path)
 
 
 def test_grok2_5_cli_rejects_prompt_longer_than_context(capsys, tmp_path):
