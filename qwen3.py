@@ -1281,7 +1281,10 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, g
         raise UserError(f"the logits contain NaN or infinity ({logits.dtype}): the activations overflow; use --dtype bfloat16 or float32")
     if temperature == 0:
         return int(logits.argmax())
-    logits = logits.float() / temperature
+    scaled = logits.float() / temperature
+    if not torch.isfinite(scaled).all():  # a temperature so close to 0 that the division overflows: greedy
+        return int(logits.argmax())
+    logits = scaled
     if top_k > 0:
         kth_largest = torch.topk(logits, min(top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth_largest, float("-inf"))
@@ -1488,8 +1491,10 @@ def sampling_settings(args: argparse.Namespace, generation: dict) -> tuple[float
     temperature = args.temperature if args.temperature is not None else (generation.get("temperature", 1.0) if samples else 0.0)
     top_k = args.top_k if args.top_k is not None else (generation.get("top_k", 0) if samples else 0)
     top_p = args.top_p if args.top_p is not None else (generation.get("top_p", 1.0) if samples else 1.0)
-    if not temperature >= 0:  # also rejects NaN
-        raise UserError(f"--temperature {temperature}: must be >= 0 (0 is greedy)")
+    if not 0 <= temperature < math.inf:  # also rejects NaN
+        raise UserError(f"--temperature {temperature}: must be a finite number >= 0 (0 is greedy)")
+    if args.seed is not None and not 0 <= args.seed < 2**64:
+        raise UserError(f"--seed {args.seed}: must be in [0, 2**64)")
     if top_k < 0:
         raise UserError(f"--top-k {top_k}: must be >= 0 (0 keeps every token)")
     if not 0 < top_p <= 1:

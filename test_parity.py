@@ -898,6 +898,9 @@ def test_cli_rejects_bad_input(name, checkpoints, capsys, tmp_path, other_family
     assert "--max-new-tokens" in cli_error(module, capsys, *ok, "--prompt", "hi", "--max-new-tokens", "0")
     assert "--max-memory" in cli_error(module, capsys, *ok, "--prompt", "hi", "--max-memory", "0")
     assert "--max-memory" in cli_error(module, capsys, *ok, "--prompt", "hi", "--max-memory", "inf")
+    assert "--temperature" in cli_error(module, capsys, *ok, "--prompt", "hi", "--temperature", "inf")
+    assert "--seed" in cli_error(module, capsys, *ok, "--prompt", "hi", "--seed", str(2**64))
+    assert module.sample(torch.tensor([1.0, 3.0, 2.0]), 1e-300, 0, 1.0, None) == 1  # overflowing temperature: greedy
     assert_rejects_damaged_checkpoints(module, capsys, folder, tmp_path)
 
 
@@ -4429,6 +4432,9 @@ def test_grok2_5_cli_rejects_bad_input(grok_checkpoint, capsys, tmp_path, other_
     assert "--max-new-tokens" in cli_error(module, capsys, *ok, "--prompt", "hi", "--max-new-tokens", "0")
     assert "--max-memory" in cli_error(module, capsys, *ok, "--prompt", "hi", "--max-memory", "0")
     assert "--max-memory" in cli_error(module, capsys, *ok, "--prompt", "hi", "--max-memory", "inf")
+    assert "--temperature" in cli_error(module, capsys, *ok, "--prompt", "hi", "--temperature", "inf")
+    assert "--seed" in cli_error(module, capsys, *ok, "--prompt", "hi", "--seed", str(2**64))
+    assert module.sample(torch.tensor([1.0, 3.0, 2.0]), 1e-300, 0, 1.0, None) == 1  # overflowing temperature: greedy
     assert_rejects_damaged_checkpoints(module, capsys, folder, tmp_path)
 
 
