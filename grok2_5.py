@@ -251,8 +251,8 @@ class ParallelEmbedding(nn.Embedding):
 
     def reset_parameters(self) -> None:
         # The loader fills the weight from the checkpoint, so nn.Embedding's random init is skipped.
-        # On the meta device, normal_() would import torch._dynamo: about 1 s of start-up, and
-        # modules that keep the torchrun process group alive until exit, where gloo can abort.
+        # On the meta device, normal_() imports torch._dynamo (about 1 s), after which the torchrun
+        # process group outlives destroy_process_group and gloo can abort at exit.
         pass
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -284,7 +284,8 @@ class RMSNorm(nn.Module):
 
 def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
     """Inverse frequencies theta^(-2i/d) of RoPE (Su et al., 2021), with theta truncated to an integer as sglang does."""
-    # On the CPU, also inside load_model's meta-device context: arithmetic on meta tensors imports torch._dynamo (about 1 s).
+    # Computed on the CPU even inside load_model's meta-device context, because arithmetic on meta
+    # tensors imports torch._dynamo (about 1 s).
     exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim
     return 1.0 / (int(theta) ** exponents)
 
@@ -635,11 +636,11 @@ def check_architecture(raw: dict, source: str) -> None:
 
 
 def read_json(file: Path) -> dict:
-    """Parse one of the checkpoint's JSON files; a damaged one (say, an interrupted download) is a UserError."""
+    """Parse one of the checkpoint's JSON files, raising a UserError for a damaged one (an interrupted download)."""
     try:
         return json.loads(file.read_text())
-    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError
-        raise UserError(f"{file} is not valid JSON ({error}); download it again") from None
+    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors.
+        raise UserError(f"invalid JSON in {file} ({error}): download it again") from None
 
 
 def read_config(folder: Path) -> tuple[Config, dict]:
@@ -716,17 +717,18 @@ class SafetensorsFile:
         header_size = int.from_bytes(self.file.read(8), "little")
         try:
             if size < 8 + header_size:
-                raise ValueError("the header runs past the end of the file")
+                raise ValueError("header longer than the file")
             self.header = json.loads(self.file.read(header_size))
         except ValueError:
             self.file.close()
-            raise UserError(f"{path} is not a valid safetensors file (damaged or cut short); download it again") from None
+            raise UserError(f"invalid safetensors file {path} (damaged or truncated): download it again") from None
         self.header.pop("__metadata__", None)
         self.data_start = 8 + header_size
         needed = self.data_start + max((entry["data_offsets"][1] for entry in self.header.values()), default=0)
-        if size < needed:  # reads past the end would leave parts of the tensors unwritten
+        # Reading past the end would leave parts of the tensors unwritten.
+        if size < needed:
             self.file.close()
-            raise UserError(f"{path} is cut short ({size} bytes, its header describes {needed}); download it again")
+            raise UserError(f"truncated safetensors file {path}: {size} bytes, but its header describes {needed}. Download it again")
 
     def keys(self) -> list[str]:
         return list(self.header)
@@ -865,7 +867,7 @@ def load_model(folder: Path, config: Config, device: torch.device, dtype: torch.
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise UserError(f"checkpoint {folder} lacks tensor {missing[0]}{more}")
-    # The RoPE frequencies were computed on the CPU (see rope_inv_freq); recompute them where the weights live.
+    # rope_inv_freq computed the RoPE frequencies on the CPU, so compute them again on the weights' device.
     model.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta).to(device)
     return model.eval()
 
@@ -1164,7 +1166,7 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, g
     if temperature == 0:
         return int(logits.argmax())
     scaled = logits.float() / temperature
-    if not torch.isfinite(scaled).all():  # a temperature so close to 0 that the division overflows: greedy
+    if not torch.isfinite(scaled).all():  # The temperature is so close to 0 that the division overflows.
         return int(logits.argmax())
     logits = scaled
     if top_k > 0:
@@ -1297,7 +1299,7 @@ def read_config_only(model: str | None) -> Config:
         return Config()
     path = Path(model).expanduser()
     if path.exists() or model.count("/") != 1 or model.startswith((".", "/", "~")):
-        return read_config(resolve_checkpoint(model))[0]  # a local path: the checks of a run, no download
+        return read_config(resolve_checkpoint(model))[0]  # A local path gets a run's checks and no download.
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
@@ -1358,9 +1360,9 @@ def sampling_settings(args: argparse.Namespace, generation: dict) -> tuple[float
     top_k = args.top_k if args.top_k is not None else (generation.get("top_k", 0) if samples else 0)
     top_p = args.top_p if args.top_p is not None else (generation.get("top_p", 1.0) if samples else 1.0)
     if not 0 <= temperature < math.inf:  # also rejects NaN
-        raise UserError(f"--temperature {temperature}: must be a finite number >= 0 (0 is greedy)")
+        raise UserError(f"invalid --temperature {temperature}: use a finite number >= 0 (0 is greedy)")
     if args.seed is not None and not 0 <= args.seed < 2**64:
-        raise UserError(f"--seed {args.seed}: must be in [0, 2**64)")
+        raise UserError(f"invalid --seed {args.seed}: use an integer in [0, 2**64)")
     if top_k < 0:
         raise UserError(f"--top-k {top_k}: must be >= 0 (0 keeps every token)")
     if not 0 < top_p <= 1:
@@ -1419,8 +1421,8 @@ class Session:
     def generate(self, prompt: list[int], cache: KVCache | None = None, start_pos: int = 0) -> Iterator[int]:
         self.check_fits(start_pos + len(prompt))
         beyond = [token for token in prompt if not 0 <= token < self.config.vocab_size]
-        if beyond:  # the embedding has no row for it: the tokenizer belongs to another checkpoint
-            raise UserError(f"the tokenizer gave token id {beyond[0]}, outside the {self.config.vocab_size} rows of the embedding; use the tokenizer of this checkpoint")
+        if beyond:  # The embedding has no row for this id, so the tokenizer belongs to another checkpoint.
+            raise UserError(f"invalid token id {beyond[0]} from the tokenizer: the embedding has {self.config.vocab_size} rows. Use the tokenizer of this checkpoint")
         return generate(self.model, prompt, self.max_new_tokens, *self.sampling, self.stop_tokens, self.seed, cache, start_pos, self.decode_step)
 
 
@@ -1594,12 +1596,12 @@ def run(args: argparse.Namespace) -> None:
             print(format_description(describe(read_config_only(args.model))))
         return
     if args.model is not None and not args.model.strip():
-        raise UserError("--model is empty; pass a checkpoint folder or a hub repo id (or leave --model out for the default)")
+        raise UserError("empty --model: pass a checkpoint folder or a hub repo id, or leave --model out for the default")
     args.model = args.model or DEFAULT_MODEL
     if args.prompt is None and not args.interactive:
         raise UserError("--prompt is required (or use --interactive)")
     if args.prompt is not None and args.interactive:
-        raise UserError("--interactive reads its prompts from the terminal; drop --prompt (or --interactive)")
+        raise UserError("--prompt cannot be used with --interactive, which reads its prompts from the terminal: drop one of them")
     if args.prompt is not None and not args.prompt.strip():
         raise UserError("--prompt is empty; give some text to continue")
     session = load_session(args)
